@@ -1,0 +1,3 @@
+from caft.cli import main
+
+raise SystemExit(main())
