@@ -98,6 +98,7 @@ def load_model(
         name is None
     ):  # recorded in saved configs and adapters, so they point back to the embedded model
         model.config._name_or_path = EMBEDDED_NAME
+        model.name_or_path = EMBEDDED_NAME  # what PEFT records as an adapter's base model
     model.to(device)
     model.eval()
     if adapter is not None:
