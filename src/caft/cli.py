@@ -46,6 +46,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     train.add_argument("--model", help="Base model; default: the embedded SmolLM2.")
     train.add_argument("--output-dir", required=True, help="Where the model and log go.")
     train.add_argument("--templates", help="Gender templates CSV (text,category).")
+    train.add_argument(
+        "--train-templates", type=int, help="Use only this many training templates (default: all)."
+    )
     train.add_argument("--chat-data", help="JSONL chats for the chat loss (instead of templates).")
     train.add_argument(
         "--ablate", help="Concept set folder, or a selection file naming its candidates."
@@ -172,17 +175,18 @@ def cmd_train(args) -> None:
 
     config = dataclass_from_args(TrainConfig, args)
     concepts = _load_concepts(args.ablate) if args.ablate else None
-    model, tokenizer = load_model(args.model)
-    if args.chat_data:
+    if args.chat_data:  # read the data before the (slow) model load, so bad input fails fast
         config.loss = "chat"
         data = read_jsonl(args.chat_data)
     else:
-        splits = make_gender_splits(
+        data = make_gender_splits(
             load_templates(args.templates),
             n_train=config.max_steps * config.batch_size,
+            train_templates=args.train_templates,
             seed=config.seed,
-        )
-        data = splits.train
+        ).train
+    config.validate()
+    model, tokenizer = load_model(args.model)
     prefix = None if args.prefix_tokens < 0 else args.prefix_tokens
     result = train(
         model, tokenizer, data, config, concepts=concepts, prefix_tokens=prefix,
@@ -199,16 +203,16 @@ def cmd_eval(args) -> None:
     from caft.models import load_model
     from caft.tasks.gender import load_templates, make_eval_sets, make_gender_splits
 
-    model, tokenizer = load_model(args.model, adapter=args.adapter)
     if args.templates:  # the user's own templates: every one of them is evaluated
         eval_sets = make_eval_sets(
             load_templates(args.templates), n_eval=args.n_eval, seed=args.seed
         )
     else:
         eval_sets = make_gender_splits(n_train=16, n_eval=args.n_eval, seed=args.seed).eval_sets
+    concepts = _load_concepts(args.concepts) if args.concepts else None  # fail before loading
+    model, tokenizer = load_model(args.model, adapter=args.adapter)
     results = {"model": args.model, "adapter": args.adapter, "templates": args.templates}
-    if args.concepts:
-        concepts = _load_concepts(args.concepts)
+    if concepts is not None:
         prefix = args.prefix_tokens
         if prefix < 0:
             prompts = [e.prompt for examples in eval_sets.values() for e in examples]

@@ -146,7 +146,20 @@ class ChatDataset(torch.utils.data.Dataset):
     def __init__(self, tokenizer, chats: Sequence[dict], max_length: int = 1024):
         if not chats:
             raise CaftError("No training chats.")
-        self.rows = [self._encode(tokenizer, chat, i, max_length) for i, chat in enumerate(chats)]
+        rows = [self._encode(tokenizer, chat, i, max_length) for i, chat in enumerate(chats)]
+        # A prompt longer than max_length leaves no reply tokens: nothing to learn from that chat.
+        self.rows = [row for row in rows if any(label != -100 for label in row["labels"])]
+        dropped = len(rows) - len(self.rows)
+        if not self.rows:
+            raise CaftError(
+                f"Every chat's prompt is at least max_length={max_length} tokens, so no reply "
+                "tokens remain to train on; raise max_length."
+            )
+        if dropped:
+            logger.warning(
+                "%d of %d chats dropped: their prompt fills max_length=%d tokens, leaving no reply.",
+                dropped, len(rows), max_length,
+            )  # fmt: skip
 
     @staticmethod
     def _encode(tokenizer, chat: dict, index: int, max_length: int) -> dict:

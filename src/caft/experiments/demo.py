@@ -62,6 +62,13 @@ class DemoConfig:
     steps: int = field(default=100, metadata={"help": "Optimizer steps per fine-tune."})
     batch_size: int = field(default=16, metadata={"help": "Examples per step."})
     learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate."})
+    train_templates: int = field(
+        default=48,
+        metadata={
+            "help": "Training templates used (half per category; 0: all). Few templates make the "
+            "plain fine-tune lean on the stereotype, as in the pilots (48)."
+        },
+    )
     n_eval: int = field(default=240, metadata={"help": "Prompts per evaluation split (ID, OOD)."})
     n_components: int = field(default=10, metadata={"help": "PCs kept per layer."})
     pca_sequences: int = field(default=256, metadata={"help": "Training prompts used for PCA."})
@@ -125,6 +132,7 @@ def run_seed(config: DemoConfig, seed: int, base_model, tokenizer, *, progress: 
         load_professions(),
         n_train=config.steps * config.batch_size,
         n_eval=config.n_eval,
+        train_templates=config.train_templates or None,
         seed=seed,
     )
     train_config = TrainConfig(

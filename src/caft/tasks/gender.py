@@ -221,6 +221,20 @@ def split_templates(
     return train, heldout
 
 
+def limit_templates(templates: list[Template], count: int) -> list[Template]:
+    """The first `count` templates, half from each category (the list is already shuffled)."""
+    if count < 2:
+        raise CaftError(f"train_templates must be at least 2 (one per category), got {count}.")
+    per_category = {c: [t for t in templates if t.category == c] for c in CATEGORIES}
+    half = count // 2
+    if any(len(group) < half for group in per_category.values()):
+        available = {c: len(g) for c, g in per_category.items()}
+        raise CaftError(
+            f"train_templates={count} needs {half} per category; available: {available}."
+        )
+    return per_category["nominative"][:half] + per_category["object"][: count - half]
+
+
 def make_gender_splits(
     templates: list[Template] | None = None,
     professions: dict[str, list[str]] | None = None,
@@ -228,23 +242,31 @@ def make_gender_splits(
     n_train: int = 1600,
     n_eval: int = 240,
     heldout_fraction: float = 0.2,
+    train_templates: int | None = None,
     seed: int = 0,
 ) -> MCSplits:
     """Training prompts (stereotype always agrees) and ID / OOD evaluation sets on held-out templates.
 
-    The template split and sampling depend on `seed` through a fixed offset, so a seed fixes the data;
-    `seed` is recorded in `description`.
+    train_templates: use only this many of the training templates (half per category). Few
+        templates make the case rule harder to learn from the data alone, so the spurious cue wins
+        more often (the pilots used 48); None uses them all.
+    The template split and sampling depend on `seed`, so a seed fixes the data; it is recorded in
+    `description`.
     """
     templates = templates if templates is not None else load_templates()
     professions = professions if professions is not None else load_professions()
-    train_templates, heldout_templates = split_templates(templates, heldout_fraction, seed)
-    train = make_examples(train_templates, professions, inverted=False, count=n_train, seed=seed)
+    train_templates_used, heldout_templates = split_templates(templates, heldout_fraction, seed)
+    if train_templates is not None:
+        train_templates_used = limit_templates(train_templates_used, train_templates)
+    train = make_examples(
+        train_templates_used, professions, inverted=False, count=n_train, seed=seed
+    )
     eval_sets = make_eval_sets(heldout_templates, professions, n_eval=n_eval, seed=seed)
     description = {
         "task": "gender-pronoun",
         "seed": seed,
         "n_templates": len(templates),
-        "n_train_templates": len(train_templates),
+        "n_train_templates": len(train_templates_used),
         "n_heldout_templates": len(heldout_templates),
         "professions": professions,
         "templates_source": templates[0].source if templates else "",
