@@ -9,7 +9,6 @@ import caft
 from caft.activations import capture_layer_outputs
 from caft.batching import pad_left
 from caft.tasks.gender import make_gender_splits
-
 from conftest import tiny_llama
 
 pytestmark = [
