@@ -19,7 +19,9 @@ pytestmark = [
 
 def _concepts(width: int) -> caft.ConceptSet:
     generator = torch.Generator().manual_seed(0)
-    return caft.ConceptSet({0: torch.randn(3, width, generator=generator), 1: torch.randn(2, width)})
+    return caft.ConceptSet(
+        {0: torch.randn(3, width, generator=generator), 1: torch.randn(2, width)}
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 from caft.ablation import AblationCallback, ablate, common_prefix_length, project_out
 from caft.concepts import ConceptSet, DirectionInfo, Provenance
 from caft.discovery.pca import PCAConfig, discover_pca
+from caft.discovery.sae import SparseAutoencoder, load_sae
 from caft.errors import CaftError
 from caft.evaluation import compare_hooks, evaluate_mc
 from caft.models import find_decoder_layers, load_model
@@ -33,6 +34,7 @@ __all__ = [
     "DirectionInfo",
     "PCAConfig",
     "Provenance",
+    "SparseAutoencoder",
     "TrainConfig",
     "__version__",
     "ablate",
@@ -43,6 +45,7 @@ __all__ = [
     "find_decoder_layers",
     "load_concept_description",
     "load_model",
+    "load_sae",
     "project_out",
     "random_directions_like",
     "score_candidates",
