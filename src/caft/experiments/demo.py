@@ -26,6 +26,7 @@ from caft.batching import encode_prompts
 from caft.concepts import ConceptSet
 from caft.discovery.pca import PCAConfig, discover_pca
 from caft.displays import DEFAULT_CORPUS_NOTE, collect_windows, load_corpus, render_html, write_html
+from caft.errors import CaftError
 from caft.evaluation import compare_hooks, evaluate_mc
 from caft.experiments.report import write_demo_report
 from caft.io import read_json, write_json
@@ -109,6 +110,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     output_dir = Path(config.output_dir)
+    check_resumable(output_dir, config)
     write_json(output_dir / "demo_config.json", asdict(config))
     start = time.perf_counter()
     base_model, tokenizer = load_model(config.model)
@@ -121,12 +123,36 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict:
     return summary
 
 
+# Settings that do not change results: a run may be resumed with different values.
+RESUME_NEUTRAL = ("output_dir", "seeds", "first_seed", "threads")
+
+
+def check_resumable(output_dir: Path, config: DemoConfig) -> None:
+    """Refuse to mix seeds made with other settings into one report."""
+    path = output_dir / "demo_config.json"
+    if not path.is_file():
+        return
+    previous = read_json(path)
+    changed = sorted(
+        key
+        for key, value in asdict(config).items()
+        if key not in RESUME_NEUTRAL and key in previous and previous[key] != value
+    )
+    if changed:
+        details = ", ".join(f"{k}: {previous[k]!r} -> {getattr(config, k)!r}" for k in changed)
+        raise CaftError(
+            f"{output_dir} holds a demo run with other settings ({details}). Resume it with the "
+            "same settings, or pass another --output-dir."
+        )
+
+
 def run_seed(config: DemoConfig, seed: int, base_model, tokenizer, *, progress: bool) -> dict:
     seed_dir = Path(config.output_dir) / f"seed_{seed}"
     done_file = seed_dir / "results.json"
     if done_file.is_file():
         logger.info("seed %d: already done (%s)", seed, done_file)
         return read_json(done_file)
+    seed_start = time.perf_counter()
     splits = make_gender_splits(
         load_templates(config.templates),
         load_professions(),
@@ -164,6 +190,7 @@ def run_seed(config: DemoConfig, seed: int, base_model, tokenizer, *, progress: 
         model = stage.fine_tune(name, concepts=concepts)
         results[name] = stage.evaluate_with_hooks(name, concepts, model)
         del model
+    results["seconds"] = round(time.perf_counter() - seed_start, 1)
     write_json(done_file, results)
     return results
 
