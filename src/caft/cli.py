@@ -112,6 +112,44 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "--max-per-layer", type=int, default=3, help="Contrast rule: cap per layer."
     )
     sub["select"] = select
+
+    autointerp = commands.add_parser(
+        "autointerp",
+        help="Explain each candidate with an LLM and select those relevant to the concept.",
+        description="For each candidate, an LLM explains its top (and, for PCs, bottom) corpus "
+        "windows, then rates its relevance 0-100 to the concept described in --description; "
+        "candidates scoring at least --threshold (or the --top-k best) are selected. Answers are "
+        "cached in OUTPUT/cache, so a re-run sends no request twice.",
+    )
+    autointerp.add_argument("--candidates", required=True, help="Candidates folder from discover.")
+    autointerp.add_argument(
+        "--output-dir", required=True, help="Where selection.json, the set and the cache go."
+    )
+    autointerp.add_argument("--model", help="Model for the windows; default: the embedded one.")
+    autointerp.add_argument("--corpus", help="Text file for the windows (paragraphs = documents).")
+    autointerp.add_argument(
+        "--description", help="Concept description JSON; default: caft's gender description."
+    )
+    autointerp.add_argument(
+        "--backend", choices=["openai", "local"], default="openai",
+        help="openai: any OpenAI-compatible endpoint; local: a Hugging Face model in-process.",
+    )  # fmt: skip
+    autointerp.add_argument("--base-url", help="Endpoint, e.g. http://localhost:8000/v1.")
+    autointerp.add_argument(
+        "--api-model",
+        help="The explainer: a model name the endpoint knows (default gpt-4o-mini), or for "
+        "--backend local a model or folder (default: --model).",
+    )
+    autointerp.add_argument(
+        "--api-key-env", default="OPENAI_API_KEY",
+        help="Environment variable holding the key; '' for a server that needs none.",
+    )  # fmt: skip
+    autointerp.add_argument("--threshold", type=float, default=70.0, help="Keep scores >= this.")
+    autointerp.add_argument("--top-k", type=int, help="Keep the k best instead of a threshold.")
+    autointerp.add_argument("--n-examples", type=int, default=20, help="Windows per side shown.")
+    autointerp.add_argument("--concurrency", type=int, default=4, help="Requests in flight.")
+    autointerp.add_argument("--cache-dir", help="Answer cache; default: OUTPUT/cache.")
+    sub["autointerp"] = autointerp
     return parser, sub
 
 
@@ -126,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                 sub[args.command], argv, DemoConfig if args.command == "demo" else TrainConfig
             )
             args = parser.parse_args(argv)
-        handler = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval}.get(args.command)
-        handler = handler or {"discover": cmd_discover, "select": cmd_select}[args.command]
-        handler(args)
+        handlers = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval}
+        handlers |= {"discover": cmd_discover, "select": cmd_select, "autointerp": cmd_autointerp}
+        handlers[args.command](args)
     except CaftError as error:
         print(f"caft: error: {error}", file=sys.stderr)
         return 2
@@ -308,6 +346,79 @@ def cmd_select(args) -> None:
     print(
         f"Selected {', '.join(chosen)}\n{output_dir / 'selection.json'}\n{output_dir / 'selected'}"
     )
+
+
+def cmd_autointerp(args) -> None:
+    from caft.autointerp import (
+        CachedBackend,
+        LocalHFBackend,
+        OpenAICompatibleBackend,
+        explain_and_score,
+        select_by_threshold,
+        select_top_k,
+    )
+    from caft.autointerp.autointerp import PC_MARK_FRACTION, SAE_MARK_FRACTION, mark_selected
+    from caft.concepts import ConceptSet
+    from caft.displays import collect_windows, load_corpus
+    from caft.models import load_model
+    from caft.selection import apply_selection, load_concept_description, write_selection_file
+    from caft.tasks.gender import default_contrast_path
+
+    candidates = ConceptSet.load(args.candidates)  # bad input fails before any model is loaded
+    description_path = args.description or default_contrast_path()
+    description = load_concept_description(description_path, require_contrast_sets=False)
+    documents = load_corpus(args.corpus)
+    backend = None
+    if args.backend == "openai":
+        backend = OpenAICompatibleBackend(
+            args.base_url, args.api_model or "gpt-4o-mini", api_key_env=args.api_key_env or None,
+            concurrency=args.concurrency,
+        )  # fmt: skip
+    model, tokenizer = load_model(args.model)
+    if backend is None:
+        explainer, explainer_tokenizer = (
+            load_model(args.api_model) if args.api_model else (model, tokenizer)
+        )
+        backend = LocalHFBackend(explainer, explainer_tokenizer)
+    output_dir = Path(args.output_dir)
+    cached = CachedBackend(backend, args.cache_dir or output_dir / "cache")
+    windows = collect_windows(model, tokenizer, documents, candidates, n_examples=args.n_examples)
+    is_sae = candidates.provenance.method == "sae"
+    results = explain_and_score(
+        windows, description, cached, n_examples=args.n_examples,
+        mark_fraction=SAE_MARK_FRACTION if is_sae else PC_MARK_FRACTION,
+        sides=("top",) if is_sae else ("top", "bottom"),
+        results_path=output_dir / "autointerp.json",
+    )  # fmt: skip
+    if args.top_k:
+        chosen, how = select_top_k(results, args.top_k), f"top {args.top_k}"
+    else:
+        chosen, how = select_by_threshold(results, args.threshold), f"score >= {args.threshold:g}"
+    mark_selected(results, chosen)
+    rule = f"autointerp ({backend.kind} {backend.model}, {how})"
+    usage = backend.usage
+    write_selection_file(
+        output_dir / "selection.json", selected=chosen, rule=rule,
+        candidates_path=str(Path(args.candidates).resolve()), scores=list(results.values()),
+        settings={
+            "backend": backend.kind, "model": backend.model,
+            "base_url": getattr(backend, "base_url", None), "description": str(description_path),
+            "threshold": None if args.top_k else args.threshold, "top_k": args.top_k,
+            "n_examples": args.n_examples, "requests": usage.requests,
+            "tokens": usage.total_tokens, "cache_hits": cached.hits,
+        },
+    )  # fmt: skip
+    spent = f"{usage.requests} requests, {usage.total_tokens} tokens, {cached.hits} cached answers"
+    if not chosen:
+        raise CaftError(
+            f"No candidate passed ({how}); every explanation and score is in "
+            f"{output_dir / 'selection.json'}. Lower --threshold or use --top-k. ({spent})"
+        )
+    apply_selection(candidates, chosen, rule=rule, scores=list(results.values())).save(
+        output_dir / "selected"
+    )
+    print(f"Selected {', '.join(chosen)}\n{output_dir / 'selection.json'}\n"
+          f"{output_dir / 'selected'}\n({spent})")  # fmt: skip
 
 
 if __name__ == "__main__":

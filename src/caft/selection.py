@@ -34,11 +34,14 @@ class ContrastSet:
 
 @dataclass
 class ConceptDescription:
-    """What a user knows about the unwanted concept: a sentence and contrast sets for its poles."""
+    """What a user knows about the unwanted concept: a sentence, contrast sets for its poles, and
+    (for autointerp) a few example inputs of the unwanted task and pointers to what to look for."""
 
     concept: str
     description: str
     contrast_sets: list[ContrastSet]
+    examples: list[str] = field(default_factory=list)
+    pointers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -52,18 +55,30 @@ class CandidateScore:
     selected: bool = False
 
 
-def load_concept_description(path: str | Path) -> ConceptDescription:
-    """Read a contrast file: {"concept", "description", "contrast_sets": [{"name", "poles"}]}."""
+def load_concept_description(
+    path: str | Path, *, require_contrast_sets: bool = True
+) -> ConceptDescription:
+    """Read a concept file: {"concept", "description", "contrast_sets": [{"name", "poles"}],
+    optional "examples" and "pointers" (lists of strings)}. Autointerp needs no contrast sets
+    (`require_contrast_sets=False`) but a description."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise CaftError(f"Cannot read the concept description {path}: {error}") from error
     sets = data.get("contrast_sets") if isinstance(data, dict) else None
-    if not sets:
+    if not sets and require_contrast_sets:
         raise CaftError(f'{path}: expected {{"contrast_sets": [{{"name": ..., "poles": ...}}]}}.')
+    if not require_contrast_sets and not (isinstance(data, dict) and data.get("description")):
+        raise CaftError(f'{path}: expected {{"description": "one sentence on the concept", ...}}.')
+    extras = {}
+    for key in ("examples", "pointers"):
+        value = data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise CaftError(f'{path}: "{key}" must be a list of strings.')
+        extras[key] = value
     contrast_sets = []
-    for i, entry in enumerate(sets):
+    for i, entry in enumerate(sets or []):
         poles = entry.get("poles", {})
         if len(poles) != 2 or any(len(texts) < 5 for texts in poles.values()):
             raise CaftError(
@@ -75,6 +90,7 @@ def load_concept_description(path: str | Path) -> ConceptDescription:
         concept=data.get("concept", ""),
         description=data.get("description", ""),
         contrast_sets=contrast_sets,
+        **extras,
     )
 
 
