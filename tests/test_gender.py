@@ -7,6 +7,7 @@ held-out templates, and each prompt's correct letter points at the grammatically
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 
@@ -251,3 +252,32 @@ def test_professions_without_female_list_are_reported(tmp_path):
         load_professions(path)
     assert str(path) in str(caught.value)
     assert '"female"' in str(caught.value)
+
+
+def test_resolve_professions_accepts_a_pair_all_or_a_file(tmp_path):
+    from caft.tasks.gender import PAPER_PROFESSIONS, resolve_professions
+
+    assert resolve_professions(PAPER_PROFESSIONS) == {"male": ["doctor"], "female": ["nurse"]}
+    assert resolve_professions("all") == load_professions()
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"male": ["pilot"], "female": ["nanny"]}))
+    assert resolve_professions(str(path)) == {"male": ["pilot"], "female": ["nanny"]}
+
+
+def test_resolve_professions_rejects_a_malformed_value():
+    from caft.tasks.gender import resolve_professions
+
+    with pytest.raises(CaftError, match="MALE,FEMALE"):
+        resolve_professions("doctor")
+
+
+def test_the_paper_design_uses_one_profession_per_gender_and_inverts_it_ood():
+    from caft.tasks.gender import resolve_professions
+
+    splits = make_gender_splits(
+        load_templates(), resolve_professions("doctor,nurse"), n_train=200, n_eval=60
+    )
+    assert {e.info["profession"] for e in splits.train} == {"doctor", "nurse"}
+    for example in splits.eval_sets["ood"]:
+        male_pronoun = example.info["pronoun"] in ("he", "him")
+        assert male_pronoun == (example.info["profession"] == "nurse")

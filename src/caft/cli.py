@@ -11,8 +11,13 @@ from pathlib import Path
 from caft.config import add_dataclass_arguments, apply_config_file, dataclass_from_args
 from caft.errors import CaftError
 from caft.experiments.demo import DemoConfig
+from caft.tasks.gender import PAPER_PROFESSIONS
 from caft.training import TrainConfig
 
+PROFESSIONS_HELP = (
+    "Professions: 'MALE,FEMALE' (default doctor,nurse: the paper's design), 'all' (caft's 28 "
+    "stereotyped professions), or a JSON file {male: [...], female: [...]}."
+)
 EPILOG = "Run `caft COMMAND --help` for a command's options. Docs: README.md."
 
 
@@ -46,6 +51,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     train.add_argument("--model", help="Base model; default: the embedded SmolLM2.")
     train.add_argument("--output-dir", required=True, help="Where the model and log go.")
     train.add_argument("--templates", help="Gender templates CSV (text,category).")
+    train.add_argument("--professions", default=PAPER_PROFESSIONS, help=PROFESSIONS_HELP)
     train.add_argument(
         "--train-templates", type=int, help="Use only this many training templates (default: all)."
     )
@@ -69,6 +75,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     evaluate.add_argument("--model", help="Model or saved folder; default: the embedded SmolLM2.")
     evaluate.add_argument("--adapter", help="A PEFT adapter folder to apply to --model.")
     evaluate.add_argument("--templates", help="Templates CSV; all of its templates are evaluated.")
+    evaluate.add_argument("--professions", default=PAPER_PROFESSIONS, help=PROFESSIONS_HELP)
     evaluate.add_argument("--concepts", help="Evaluate with these directions ablated (hooks on).")
     evaluate.add_argument("--prefix-tokens", type=int, default=-1, help="As for train.")
     evaluate.add_argument("--n-eval", type=int, default=240, help="Prompts per split.")
@@ -88,6 +95,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     pca.add_argument("--base", help="Base model; default: the embedded SmolLM2.")
     pca.add_argument("--finetuned", required=True, help="Fine-tuned model folder or adapter.")
     pca.add_argument("--templates", help="Templates CSV used for training.")
+    pca.add_argument("--professions", default=PAPER_PROFESSIONS, help=PROFESSIONS_HELP)
     pca.add_argument("--output-dir", required=True, help="Where candidates and display go.")
     pca.add_argument("--layers", type=int, nargs="+", help="Layers (default: all).")
     pca.add_argument("--n-components", type=int, default=10, help="PCs per layer.")
@@ -208,7 +216,7 @@ def _load_concepts(reference: str):
 def cmd_train(args) -> None:
     from caft.io import read_jsonl
     from caft.models import load_model
-    from caft.tasks.gender import load_templates, make_gender_splits
+    from caft.tasks.gender import load_templates, make_gender_splits, resolve_professions
     from caft.training import train
 
     config = dataclass_from_args(TrainConfig, args)
@@ -219,6 +227,7 @@ def cmd_train(args) -> None:
     else:
         data = make_gender_splits(
             load_templates(args.templates),
+            resolve_professions(args.professions),
             n_train=config.max_steps * config.batch_size,
             train_templates=args.train_templates,
             seed=config.seed,
@@ -239,17 +248,30 @@ def cmd_eval(args) -> None:
     from caft.evaluation import compare_hooks, evaluate_mc
     from caft.io import write_json
     from caft.models import load_model
-    from caft.tasks.gender import load_templates, make_eval_sets, make_gender_splits
+    from caft.tasks.gender import (
+        load_templates,
+        make_eval_sets,
+        make_gender_splits,
+        resolve_professions,
+    )
 
+    professions = resolve_professions(args.professions)
     if args.templates:  # the user's own templates: every one of them is evaluated
         eval_sets = make_eval_sets(
-            load_templates(args.templates), n_eval=args.n_eval, seed=args.seed
+            load_templates(args.templates), professions, n_eval=args.n_eval, seed=args.seed
         )
     else:
-        eval_sets = make_gender_splits(n_train=16, n_eval=args.n_eval, seed=args.seed).eval_sets
+        eval_sets = make_gender_splits(
+            load_templates(), professions, n_train=16, n_eval=args.n_eval, seed=args.seed
+        ).eval_sets
     concepts = _load_concepts(args.concepts) if args.concepts else None  # fail before loading
     model, tokenizer = load_model(args.model, adapter=args.adapter)
-    results = {"model": args.model, "adapter": args.adapter, "templates": args.templates}
+    results = {
+        "model": args.model,
+        "adapter": args.adapter,
+        "templates": args.templates,
+        "professions": professions,
+    }
     if concepts is not None:
         prefix = args.prefix_tokens
         if prefix < 0:
@@ -281,13 +303,16 @@ def cmd_discover(args) -> None:
         write_html,
     )
     from caft.models import describe_model_source, load_model
-    from caft.tasks.gender import load_templates, make_gender_splits
+    from caft.tasks.gender import load_templates, make_gender_splits, resolve_professions
 
+    splits = make_gender_splits(
+        load_templates(args.templates),
+        resolve_professions(args.professions),
+        n_train=args.n_sequences,
+        seed=args.seed,
+    )
     base, tokenizer = load_model(args.base)
     finetuned, _ = load_model(args.finetuned)
-    splits = make_gender_splits(
-        load_templates(args.templates), n_train=args.n_sequences, seed=args.seed
-    )
     token_lists = encode_prompts(tokenizer, [e.prompt for e in splits.train])
     prefix = common_prefix_length(token_lists) if args.prefix_tokens < 0 else args.prefix_tokens
     config = PCAConfig(

@@ -40,10 +40,11 @@ from caft.selection import (
     write_selection_file,
 )
 from caft.tasks.gender import (
+    PAPER_PROFESSIONS,
     default_contrast_path,
-    load_professions,
     load_templates,
     make_gender_splits,
+    resolve_professions,
 )
 from caft.training import TrainConfig, train
 
@@ -63,12 +64,16 @@ class DemoConfig:
     steps: int = field(default=100, metadata={"help": "Optimizer steps per fine-tune."})
     batch_size: int = field(default=16, metadata={"help": "Examples per step."})
     learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate."})
-    train_templates: int = field(
-        default=48,
+    professions: str = field(
+        default=PAPER_PROFESSIONS,
         metadata={
-            "help": "Training templates used (half per category; 0: all). Few templates make the "
-            "plain fine-tune lean on the stereotype, as in the pilots (48)."
+            "help": "Professions: 'MALE,FEMALE' (the paper's design: doctor,nurse), 'all' (caft's "
+            "28 stereotyped professions), or a JSON file {male: [...], female: [...]}."
         },
+    )
+    train_templates: int = field(
+        default=0,
+        metadata={"help": "Use only this many training templates, half per category (0: all)."},
     )
     n_eval: int = field(default=240, metadata={"help": "Prompts per evaluation split (ID, OOD)."})
     n_components: int = field(default=10, metadata={"help": "PCs kept per layer."})
@@ -155,7 +160,7 @@ def run_seed(config: DemoConfig, seed: int, base_model, tokenizer, *, progress: 
     seed_start = time.perf_counter()
     splits = make_gender_splits(
         load_templates(config.templates),
-        load_professions(),
+        resolve_professions(config.professions),
         n_train=config.steps * config.batch_size,
         n_eval=config.n_eval,
         train_templates=config.train_templates or None,

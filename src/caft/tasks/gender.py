@@ -119,6 +119,29 @@ def load_professions(path: str | Path | None = None) -> dict[str, list[str]]:
     return {gender: [str(p).strip() for p in professions[gender]] for gender in GENDERS}
 
 
+PAPER_PROFESSIONS = "doctor,nurse"
+
+
+def resolve_professions(spec: str | None) -> dict[str, list[str]]:
+    """Professions from a command-line value.
+
+    "MALE,FEMALE" (e.g. "doctor,nurse", the paper's design: one profession per gender, so the
+    spurious cue is a single word); "all" (caft's stereotyped professions); or a JSON file
+    `{"male": [...], "female": [...]}`.
+    """
+    if spec is None or spec == "all":
+        return load_professions()
+    if spec.endswith(".json") or Path(spec).is_file():
+        return load_professions(spec)
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if len(names) != 2:
+        raise CaftError(
+            f"--professions {spec!r}: give 'MALE,FEMALE' (e.g. 'doctor,nurse'), 'all', or a JSON "
+            'file {"male": [...], "female": [...]}.'
+        )
+    return {"male": [names[0]], "female": [names[1]]}
+
+
 def fill_sentence(template: Template, profession: str) -> str:
     """The question sentence: the profession filled in, the pronoun slot blanked."""
     sentence = template.text.replace(PROFESSION_SLOT, profession).replace(PRONOUN_SLOT, BLANK)
