@@ -63,9 +63,13 @@ def bench_ablation_overhead(steps: int, warmup: int) -> dict:
     plain_times, ablated_times = [], []
     ablation = caft.ablate(model, concepts, prefix_tokens=13)
     for index in range(warmup + steps):
-        plain = step(index)
+        # Alternate which condition goes first, so order effects cancel out.
+        if index % 2 == 0:
+            plain = step(index)
         with ablation:  # hooks registered outside the timed region, as in training
             ablated = step(index)
+        if index % 2 == 1:
+            plain = step(index)
         if index >= warmup:
             plain_times.append(plain)
             ablated_times.append(ablated)
@@ -99,17 +103,55 @@ def pca_worker(n_sequences: int) -> None:
             parameter.add_(1e-3 * torch.randn(parameter.shape, generator=generator))
     examples = make_gender_splits(n_train=n_sequences, seed=0).train
     token_lists = encode_prompts(tokenizer, [e.prompt for e in examples])
-    before = _peak_rss_mib()
-    caft.discover_pca(
-        base, finetuned, tokenizer, token_lists, start_positions=13,
-        config=caft.PCAConfig(max_sequences=n_sequences), progress=False,
-    )  # fmt: skip
+    before = _current_rss_mib()
+    with _RssSampler() as sampler:
+        caft.discover_pca(
+            base, finetuned, tokenizer, token_lists, start_positions=13,
+            config=caft.PCAConfig(max_sequences=n_sequences), progress=False,
+        )  # fmt: skip
     tokens = sum(len(ids) for ids in token_lists)
-    print(json.dumps({"tokens": tokens, "peak_rss_mib": _peak_rss_mib(), "rss_before_mib": before}))
+    print(
+        json.dumps(
+            {
+                "tokens": tokens,
+                "rss_before_mib": before,
+                "peak_rss_during_mib": sampler.peak,
+                "discovery_mib": round(sampler.peak - before, 1),
+                "process_peak_rss_mib": _peak_rss_mib(),
+            }
+        )
+    )
 
 
 def _peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _current_rss_mib() -> float:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return round(pages * resource.getpagesize() / 2**20, 1)
+
+
+class _RssSampler:
+    """Samples the current resident memory every 5 ms in a thread; `peak` is the largest seen."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak = _current_rss_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _current_rss_mib())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _current_rss_mib())
 
 
 def bench_pca_memory(n_sequences: int) -> dict:
@@ -122,11 +164,13 @@ def bench_pca_memory(n_sequences: int) -> dict:
             text=True,
         ).stdout
         runs[label] = json.loads(output.strip().splitlines()[-1])
-    growth = runs["4N"]["peak_rss_mib"] / runs["N"]["peak_rss_mib"] - 1
+    # The goal is on the process's peak during discovery (models included, as a user sees it);
+    # discovery_mib (what discovery itself adds over the loaded models) is reported beside it.
+    growth = runs["4N"]["peak_rss_during_mib"] / runs["N"]["peak_rss_during_mib"] - 1
     return {
         "runs": runs,
         "growth": round(growth, 4),
-        "goal": "growth <= 0.10",
+        "goal": "growth of peak RSS during discovery <= 0.10",
         "passed": growth <= 0.10,
     }
 
@@ -170,9 +214,11 @@ def _markdown(results: dict) -> str:
             f"{overhead['median_step_s_plain']:.3f} s = {overhead['ratio']:.3f} | ≤ 1.03 | "
             f"{overhead['passed']} |",
             f"| PCA discovery peak RSS at {memory['runs']['N']['tokens']} / "
-            f"{memory['runs']['4N']['tokens']} tokens | {memory['runs']['N']['peak_rss_mib']:.0f} / "
-            f"{memory['runs']['4N']['peak_rss_mib']:.0f} MiB (growth {memory['growth']:+.1%}) | "
-            f"≤ +10% | {memory['passed']} |",
+            f"{memory['runs']['4N']['tokens']} tokens | "
+            f"{memory['runs']['N']['peak_rss_during_mib']:.0f} / "
+            f"{memory['runs']['4N']['peak_rss_during_mib']:.0f} MiB (growth {memory['growth']:+.1%});"
+            f" discovery's own: {memory['runs']['N']['discovery_mib']:.0f} / "
+            f"{memory['runs']['4N']['discovery_mib']:.0f} MiB | ≤ +10% | {memory['passed']} |",
             "",
         ]
     )
