@@ -232,3 +232,17 @@ def test_loading_a_set_with_non_finite_tensors_fails_clearly(tmp_path):
     save_file({"layer.1": torch.randn(3, WIDTH), "layer.3": broken}, str(folder / TENSORS_FILE))
     with pytest.raises(CaftError, match="layer 3: directions contain NaN or infinite values"):
         ConceptSet.load(folder)
+
+
+def test_artifacts_get_the_usual_file_modes(tmp_path):
+    import os
+    import stat
+
+    from caft.io import atomic_write_text
+
+    path = atomic_write_text(tmp_path / "report.md", "hello")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    folder = caft.ConceptSet({0: torch.eye(2, 8)}).save(tmp_path / "set")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
