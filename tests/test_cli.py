@@ -14,6 +14,7 @@ from caft.concepts import ConceptSet, Provenance
 from caft.config import apply_config_file, dataclass_from_args
 from caft.experiments.demo import DemoConfig
 from caft.models import hidden_size
+from caft.training import TrainConfig
 
 
 def _help(capsys, argv: list[str]) -> str:
@@ -159,3 +160,19 @@ def test_shipped_example_demo_config_is_accepted():
     apply_config_file(sub["demo"], argv, DemoConfig)
     result = dataclass_from_args(DemoConfig, parser.parse_args(argv))
     assert result.seeds == 1 and result.output_dir != DemoConfig.output_dir
+
+
+def test_train_config_file_may_hold_command_options(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\nmax_steps: 3\nprofessions: all\n")
+    parser, sub = build_parser()
+    argv = ["train", "--config", str(config), "--max-steps", "5"]
+    apply_config_file(sub["train"], argv, TrainConfig)
+    args = parser.parse_args(argv)
+    assert args.output_dir == str(tmp_path / "run")
+    assert args.professions == "all" and args.max_steps == 5
+
+
+def test_train_without_output_dir_fails_cleanly(capsys):
+    err = _fails(capsys, ["train", "--max-steps", "1"])
+    assert "--output-dir" in err

@@ -49,7 +49,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     )
     train.add_argument("--config", help="YAML file of options; flags override it.")
     train.add_argument("--model", help="Base model; default: the embedded SmolLM2.")
-    train.add_argument("--output-dir", required=True, help="Where the model and log go.")
+    train.add_argument("--output-dir", help="Where the model and log go (required).")
     train.add_argument("--templates", help="Gender templates CSV (text,category).")
     train.add_argument("--professions", default=PAPER_PROFESSIONS, help=PROFESSIONS_HELP)
     train.add_argument(
@@ -219,6 +219,8 @@ def cmd_train(args) -> None:
     from caft.tasks.gender import load_templates, make_gender_splits, resolve_professions
     from caft.training import train
 
+    if not args.output_dir:
+        raise CaftError("caft train needs --output-dir (on the command line or in --config).")
     config = dataclass_from_args(TrainConfig, args)
     concepts = _load_concepts(args.ablate) if args.ablate else None
     if args.chat_data:  # read the data before the (slow) model load, so bad input fails fast

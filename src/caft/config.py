@@ -71,7 +71,9 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list[str], cls) -> 
         raise CaftError(f"Cannot read config file {path}: {error}") from error
     if not isinstance(values, dict):
         raise CaftError(f"{path}: expected a mapping of option: value.")
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} | {
+        action.dest for action in parser._actions if action.dest not in ("help", "config")
+    }
     normalized = {k.replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(normalized) - names)
     if unknown:
