@@ -257,9 +257,20 @@ def test_chat_dataset_masks_exactly_the_prompt(tokenizer):
 
 def test_chat_dataset_truncates_to_max_length(tokenizer, shared_data):
     chats = read_jsonl(shared_data / "emergent_misalignment" / "insecure_small.jsonl")[:4]
-    dataset = ChatDataset(tokenizer, chats, max_length=64)
-    for row in dataset.rows:
-        assert len(row["input_ids"]) == len(row["labels"]) == 64
+    prompt_lengths = [len(ChatDataset(tokenizer, [c]).rows[0]["labels"]) for c in chats]
+    max_length = min(prompt_lengths) // 2 + 1  # below every full chat's length
+    kept = ChatDataset(tokenizer, chats + CHATS, max_length=max_length).rows
+    for row in kept:
+        assert len(row["input_ids"]) == len(row["labels"]) <= max_length
+        assert any(label != -100 for label in row["labels"])
+
+
+def test_chat_dataset_drops_chats_whose_prompt_fills_max_length(tokenizer, shared_data):
+    chats = read_jsonl(shared_data / "emergent_misalignment" / "insecure_small.jsonl")[:4]
+    with pytest.raises(CaftError, match="no reply tokens remain"):
+        ChatDataset(tokenizer, chats, max_length=20)
+    kept = ChatDataset(tokenizer, chats + CHATS, max_length=20).rows
+    assert 0 < len(kept) < len(chats) + len(CHATS)
 
 
 def test_chat_training_runs_on_sample_chats_and_lowers_the_reply_loss(tokenizer, shared_data):
