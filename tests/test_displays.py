@@ -154,7 +154,6 @@ def test_render_window_escapes_a_whole_token_and_boxes_the_peak():
     concepts = ConceptSet({0: torch.eye(4)[:1]})
     item = Window(document=0, tokens=["<b>", "x"], values=[1.0, -0.5], peak=0, peak_value=1.0)
     page = render_html(concepts, {"L0.0": {"top": [item], "bottom": []}})
-    assert (
-        "<span class='peak' style='background:rgba(220,40,40,1.00)' title='1.000'>&lt;b&gt;" in page
-    )
-    assert "rgba(40,90,220,0.50)" in page
+    assert "<span class='p peak' style='--a:1.00' title='1.00'>&lt;b&gt;</span>" in page
+    assert "<span class='n' style='--a:0.50' title='-0.50'>x</span>" in page
+    assert ".p{background:rgba(220,40,40,var(--a))}" in page

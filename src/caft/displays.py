@@ -174,11 +174,14 @@ def _render_window(item: Window) -> str:
     scale = max((abs(v) for v in item.values), default=1.0) or 1.0
     spans = []
     for i, (token, value) in enumerate(zip(item.tokens, item.values, strict=True)):
+        # Short markup (a class for the sign, a CSS variable for the strength): pages with
+        # hundreds of candidates stay a few MB.
         alpha = min(1.0, abs(value) / scale)
-        color = f"rgba(220,40,40,{alpha:.2f})" if value > 0 else f"rgba(40,90,220,{alpha:.2f})"
-        css = " class='peak'" if i == item.peak else ""
+        classes = ("p" if value > 0 else "n") + (" peak" if i == item.peak else "")
         text = html.escape(token).replace("\n", "⏎")
-        spans.append(f"<span{css} style='background:{color}' title='{value:.3f}'>{text}</span>")
+        spans.append(
+            f"<span class='{classes}' style='--a:{alpha:.2f}' title='{value:.2f}'>{text}</span>"
+        )
     return (
         f"<span class='win'>{''.join(spans)}</span> <span class='val'>{item.peak_value:+.2f}</span>"
     )
@@ -193,5 +196,6 @@ body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}
 section{border-top:1px solid #ccc;padding-top:.5em}
 .meta{color:#555;font-size:.9em}.sel{background:#2a2;color:#fff;padding:0 .4em;border-radius:3px}
 .win{font-family:ui-monospace,monospace;white-space:pre}.peak{outline:1px solid #000}
+.p{background:rgba(220,40,40,var(--a))}.n{background:rgba(40,90,220,var(--a))}
 .val{color:#777;font-size:.85em}ol{margin:.2em 0}li{margin:.1em 0}
 """
