@@ -145,8 +145,9 @@ def _base_outputs(base_model, finetuned_model, token_lists, rows: range, layers,
         if not hasattr(finetuned_model, "disable_adapter"):
             raise CaftError("base_model=None works only for PEFT models (adapter disabled = base).")
         context, model = finetuned_model.disable_adapter(), finetuned_model
-    with context:
-        outputs, _, _ = next(iter(iterate_layer_outputs(model, chunk, layers, **base_kwargs)))
+    stream = iterate_layer_outputs(model, chunk, layers, **base_kwargs)
+    with context, contextlib.closing(stream):  # closing removes its capture hooks at once
+        outputs, _, _ = next(stream)
     return outputs
 
 
