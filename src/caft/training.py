@@ -9,6 +9,7 @@ and removed when training ends (also on errors). The result is an ordinary model
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -290,6 +291,7 @@ def train(
     else:
         trainer.train()
     seconds = time.perf_counter() - start
+    _remove_if_empty(Path(args.output_dir))  # the Trainer's folder; nothing is saved there
     model.eval()
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
@@ -304,6 +306,11 @@ def train(
             output_dir, result, tokenizer, config, concepts, n_examples=len(dataset)
         )
     return result
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # absent, or holds something the user may want
+        folder.rmdir()
 
 
 def _make_dataset(tokenizer, data, config: TrainConfig):
