@@ -14,8 +14,6 @@ from caft.concepts import ConceptSet
 from caft.errors import CaftError
 from caft.models import find_decoder_layers, unwrap_model
 
-ALL_POSITIONS = 0
-
 
 class Ablation:
     """Context manager that ablates a ConceptSet from a model's residual stream.

@@ -166,11 +166,6 @@ def _apply_adapter(model: nn.Module, adapter_folder: Path) -> nn.Module:
     return PeftModel.from_pretrained(model, str(adapter_folder)).eval()
 
 
-def is_adapter_folder(folder: str | Path) -> bool:
-    folder = Path(folder)
-    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
-
-
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain transformers model under PEFT / DDP / FSDP / compile wrappers."""
     seen = set()
