@@ -29,6 +29,7 @@ BASE = TrainConfig(
     warmup_steps=0,
     bf16="no",
     logging_steps=1,
+    use_cpu=True,  # these tests compare with CPU computations, also on a GPU machine
 )
 CHATS = [
     {

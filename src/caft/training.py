@@ -74,6 +74,9 @@ class TrainConfig:
     num_threads: int = field(
         default=0, metadata={"help": "CPU threads for torch (0: leave as is)."}
     )
+    use_cpu: bool = field(
+        default=False, metadata={"help": "Train on the CPU even when a GPU is available."}
+    )
 
     def validate(self) -> None:
         if self.method not in ("full", "lora"):
@@ -278,7 +281,7 @@ def train(
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=not progress,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=config.use_cpu or not torch.cuda.is_available(),
     )
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=dataset, data_collator=collator
