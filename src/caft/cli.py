@@ -11,13 +11,9 @@ from pathlib import Path
 from caft.config import add_dataclass_arguments, apply_config_file, dataclass_from_args
 from caft.errors import CaftError
 from caft.experiments.demo import DemoConfig
-from caft.tasks.gender import PAPER_PROFESSIONS
+from caft.tasks.gender import PAPER_PROFESSIONS, PROFESSIONS_HELP
 from caft.training import TrainConfig
 
-PROFESSIONS_HELP = (
-    "Professions: 'MALE,FEMALE' (default doctor,nurse: the paper's design), 'all' (caft's 28 "
-    "stereotyped professions), or a JSON file {male: [...], female: [...]}."
-)
 EPILOG = "Run `caft COMMAND --help` for a command's options. Docs: README.md."
 
 

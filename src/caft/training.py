@@ -295,6 +295,8 @@ def train(
         trainer.train()
     seconds = time.perf_counter() - start
     _remove_if_empty(Path(args.output_dir))  # the Trainer's folder; nothing is saved there
+    if output_dir is None:
+        _remove_if_empty(scratch)  # our temporary folder
     model.eval()
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()

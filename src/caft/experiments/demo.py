@@ -41,6 +41,7 @@ from caft.selection import (
 )
 from caft.tasks.gender import (
     PAPER_PROFESSIONS,
+    PROFESSIONS_HELP,
     default_contrast_path,
     load_templates,
     make_gender_splits,
@@ -64,13 +65,7 @@ class DemoConfig:
     steps: int = field(default=100, metadata={"help": "Optimizer steps per fine-tune."})
     batch_size: int = field(default=16, metadata={"help": "Examples per step."})
     learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate."})
-    professions: str = field(
-        default=PAPER_PROFESSIONS,
-        metadata={
-            "help": "Professions: 'MALE,FEMALE' (the paper's design: doctor,nurse), 'all' (caft's "
-            "28 stereotyped professions), or a JSON file {male: [...], female: [...]}."
-        },
-    )
+    professions: str = field(default=PAPER_PROFESSIONS, metadata={"help": PROFESSIONS_HELP})
     train_templates: int = field(
         default=0,
         metadata={"help": "Use only this many training templates, half per category (0: all)."},

@@ -120,6 +120,10 @@ def load_professions(path: str | Path | None = None) -> dict[str, list[str]]:
 
 
 PAPER_PROFESSIONS = "doctor,nurse"
+PROFESSIONS_HELP = (
+    "Professions: 'MALE,FEMALE' (default doctor,nurse: the paper's design), 'all' (caft's 28 "
+    "stereotyped professions), or a JSON file {male: [...], female: [...]}."
+)
 
 
 def resolve_professions(spec: str | None) -> dict[str, list[str]]:
@@ -270,9 +274,8 @@ def make_gender_splits(
 ) -> MCSplits:
     """Training prompts (stereotype always agrees) and ID / OOD evaluation sets on held-out templates.
 
-    train_templates: use only this many of the training templates (half per category). Few
-        templates make the case rule harder to learn from the data alone, so the spurious cue wins
-        more often (the pilots used 48); None uses them all.
+    train_templates: use only this many of the training templates (half per category), i.e.
+        less evidence for the case rule (the pilots used 48); None uses them all.
     The template split and sampling depend on `seed`, so a seed fixes the data; it is recorded in
     `description`.
     """
