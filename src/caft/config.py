@@ -81,3 +81,22 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list[str], cls) -> 
             f"{path}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}."
         )
     parser.set_defaults(**normalized)
+
+
+def changed_settings(path: str | Path, settings, neutral: tuple[str, ...] = ()) -> str:
+    """'key: old -> new, ...' for the settings of a dataclass that differ from those saved in the
+    JSON file `path` (ignoring `neutral` keys and keys the file lacks); '' when none differ or
+    there is no file. Resumable jobs use it to refuse mixing results made with other settings."""
+    from caft.io import read_json
+
+    path = Path(path)
+    if not path.is_file():
+        return ""
+    previous = read_json(path)
+    current = dataclasses.asdict(settings)
+    changed = sorted(
+        key
+        for key, value in current.items()
+        if key not in neutral and key in previous and previous[key] != value
+    )
+    return ", ".join(f"{key}: {previous[key]!r} -> {current[key]!r}" for key in changed)

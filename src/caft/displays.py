@@ -110,27 +110,30 @@ def _update_heaps(heaps, projections, mask, rows, infos, token_lists, n_examples
 
 def _windows_from_heaps(heaps, concepts, token_lists, tokenizer, window) -> dict:
     result: dict[str, dict[str, list[Window]]] = {}
-    before = window * 2 // 3
     for info in concepts.infos:
         result[info.id] = {}
         for side in ("top", "bottom"):
             items = sorted(heaps.get((info.id, side), []), reverse=True)
-            windows = []
-            for _, document, peak, values in items:
-                start = max(0, peak - before)
-                stop = min(len(values), start + window)
-                ids = token_lists[document][start:stop]
-                windows.append(
-                    Window(
-                        document=document,
-                        tokens=[tokenizer.decode([i]) for i in ids],
-                        values=[round(v, 3) for v in values[start:stop]],
-                        peak=peak - start,
-                        peak_value=round(values[peak], 3),
-                    )
-                )
-            result[info.id][side] = windows
+            result[info.id][side] = [
+                make_window(document, peak, values, token_lists[document], tokenizer, window)
+                for _, document, peak, values in items
+            ]
     return result
+
+
+def make_window(document: int, peak: int, values, token_ids, tokenizer, window: int = 12) -> Window:
+    """The `window` tokens around position `peak` of a document (two thirds of them before it),
+    with their values; `values` and `token_ids` are the whole document's."""
+    start = max(0, peak - window * 2 // 3)
+    stop = min(len(values), start + window)
+    ids = token_ids[start:stop]
+    return Window(
+        document=document,
+        tokens=[tokenizer.decode([i]) for i in ids],
+        values=[round(float(v), 3) for v in values[start:stop]],
+        peak=peak - start,
+        peak_value=round(float(values[peak]), 3),
+    )
 
 
 def render_html(
@@ -147,7 +150,7 @@ def render_html(
     scores = scores or {}
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<title>{html.escape(title)}</title><style>{DISPLAY_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f"<p class='meta'>model: {html.escape(concepts.provenance.model)} · method: "
         f"{html.escape(concepts.provenance.method)} · data: {html.escape(concepts.provenance.data)}"
@@ -156,29 +159,38 @@ def render_html(
     ]
     for info in concepts.infos:
         flag = " <span class='sel'>selected</span>" if info.id in selected else ""
-        extra = f" · selection score {scores[info.id]:.2f}" if info.id in scores else ""
+        extra = (
+            f" · selection score {scores[info.id]:.2f}" if scores.get(info.id) is not None else ""
+        )
         score = f"{info.score:.4f}" if info.score is not None else "–"
         parts.append(f"<section id='{info.id}'><h2>{info.id}{flag}</h2>")
         parts.append(f"<p class='meta'>discovery score {score}{extra}</p>")
         for side, label in (("top", "most positive"), ("bottom", "most negative")):
             parts.append(f"<h3>{label}</h3><ol>")
             for item in windows.get(info.id, {}).get(side, []):
-                parts.append(f"<li>{_render_window(item)}</li>")
+                parts.append(f"<li>{render_window(item)}</li>")
             parts.append("</ol>")
         parts.append("</section>")
     parts.append("</body></html>")
     return "".join(parts)
 
 
-def _render_window(item: Window) -> str:
-    scale = max((abs(v) for v in item.values), default=1.0) or 1.0
+def render_window(item: Window) -> str:
+    """A window as shaded spans (red positive, blue negative, the peak boxed) and its peak value.
+
+    A NaN value marks a token that was not scored (e.g. the attention sink): shown unshaded.
+    """
+    scale = max((abs(v) for v in item.values if v == v), default=1.0) or 1.0
     spans = []
     for i, (token, value) in enumerate(zip(item.tokens, item.values, strict=True)):
+        text = html.escape(token).replace("\n", "⏎")
+        if value != value:  # NaN
+            spans.append(f"<span title='not scored'>{text}</span>")
+            continue
         # Short markup (a class for the sign, a CSS variable for the strength): pages with
         # hundreds of candidates stay a few MB.
         alpha = min(1.0, abs(value) / scale)
         classes = ("p" if value > 0 else "n") + (" peak" if i == item.peak else "")
-        text = html.escape(token).replace("\n", "⏎")
         spans.append(
             f"<span class='{classes}' style='--a:{alpha:.2f}' title='{value:.2f}'>{text}</span>"
         )
@@ -191,7 +203,7 @@ def write_html(path: str | Path, page: str) -> Path:
     return atomic_write_text(path, page)
 
 
-_CSS = """
+DISPLAY_CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}
 section{border-top:1px solid #ccc;padding-top:.5em}
 .meta{color:#555;font-size:.9em}.sel{background:#2a2;color:#fff;padding:0 .4em;border-radius:3px}

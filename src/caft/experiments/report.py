@@ -75,15 +75,40 @@ def summarize(seed_results: list[dict]) -> dict:
                 "selected": r.get("selected", []),
                 "ood": ood,
                 "id_caft": accuracy(r, ("caft", "hooks_off"), "id"),
-                "caft_beats_plain_and_control": ood["caft"] > max(ood["plain"], ood["control"]),
+                "caft_beats_plain_and_control": ood["control"] is not None
+                and ood["caft"] > max(ood["plain"], ood["control"]),
             }
         )
     return {"conditions": conditions, "hook_dependence": dependence, "per_seed": per_seed}
 
 
-def write_demo_report(output_dir: str | Path, *, config: dict, seed_results: list[dict]) -> dict:
+def write_demo_report(
+    output_dir: str | Path,
+    *,
+    config: dict,
+    seed_results: list[dict],
+    variants: dict[str, list[dict]] | None = None,
+) -> dict:
+    """Report the run's variant (`seed_results`) in full and, when the same seeds hold other
+    variants (`variants`: {name: seed results}, e.g. PCA vs SAE, or selection routes), a
+    side-by-side table of them all."""
     output_dir = Path(output_dir)
     summary = {"config": config, **summarize(seed_results), "seed_results": seed_results}
+    if variants and len(variants) > 1:
+        summary["variants"] = {
+            name: summarize(results)["conditions"] for name, results in variants.items()
+        }
+        summary["variants_per_seed"] = {
+            name: {
+                r["seed"]: {
+                    "selected": r.get("selected", []),
+                    "ood_caft": accuracy(r, ("caft", "hooks_off"), "ood"),
+                    "ood_control": accuracy(r, ("control", "hooks_off"), "ood"),
+                }
+                for r in results
+            }
+            for name, results in variants.items()
+        }
     write_json(output_dir / "report.json", summary)
     atomic_write_text(output_dir / "report.md", markdown(summary))
     plot(summary, output_dir / "report.png")
@@ -137,12 +162,44 @@ def markdown(summary: dict) -> str:
     for row in summary["per_seed"]:
         ood = row["ood"]
         lines.append(
-            f"| {row['seed']} | {ood['plain']:.3f} | {ood['caft']:.3f} | {ood['control']:.3f} | "
-            f"{'yes' if row['caft_beats_plain_and_control'] else 'no'} | "
+            f"| {row['seed']} | {_num(ood['plain'])} | {_num(ood['caft'])} | "
+            f"{_num(ood['control'])} | {'yes' if row['caft_beats_plain_and_control'] else 'no'} | "
             f"{', '.join(row['selected'])} |"
         )
     lines += ["", "![ID and OOD accuracy](report.png)", ""]
+    if "variants" in summary:
+        lines += variants_markdown(summary)
     return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def variants_markdown(summary: dict) -> list[str]:
+    """Every method / selection route run on these seeds, side by side (hooks off)."""
+    lines = [
+        "## Methods and selection routes side by side",
+        "",
+        "Each variant (`method-selection`) fine-tuned from the same base with the same data, steps "
+        "and seeds as the plain fine-tune above; only the ablated directions differ. Hooks off.",
+        "",
+        "| variant | CAFT ID | CAFT OOD | control OOD | OOD per seed (CAFT) | selected per seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, conditions in summary["variants"].items():
+        per_seed = summary["variants_per_seed"][name]
+        caft = conditions["CAFT (hooks off, deployed)"]
+        control = conditions["random control (hooks off)"]
+        seeds = sorted(per_seed)
+        lines.append(
+            f"| {name} | {_fmt(caft['id'])} | {_fmt(caft['ood'])} | {_fmt(control['ood'])} | "
+            + " / ".join(_num(per_seed[s]["ood_caft"]) for s in seeds)
+            + " | "
+            + "; ".join(",".join(per_seed[s]["selected"]) or "–" for s in seeds)
+            + " |"
+        )
+    return [*lines, ""]
 
 
 def plot(summary: dict, path: Path) -> None:
