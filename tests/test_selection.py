@@ -236,3 +236,37 @@ def test_random_directions_like_matches_counts_and_is_orthonormal_and_new():
     other = random_directions_like(source, seed=6)
     torch.testing.assert_close(again.bases_by_layer[1], control.bases_by_layer[1])
     assert not torch.allclose(other.bases_by_layer[1], control.bases_by_layer[1])
+
+
+def test_random_latents_like_draws_other_latents_of_the_same_saes():
+    from caft.discovery.sae.base import SparseAutoencoder
+    from caft.selection import random_latents_like
+
+    generator = torch.Generator().manual_seed(0)
+    saes = {
+        layer: SparseAutoencoder(
+            torch.randn(8, 32, generator=generator),
+            torch.zeros(32),
+            torch.randn(32, 8, generator=generator),
+            torch.zeros(8),
+            hook_layer=layer,
+        )
+        for layer in (1, 4)
+    }
+    chosen = saes[1].to_concept_set([3, 7]).ids() + saes[4].to_concept_set([0]).ids()
+    selected = ConceptSet(
+        {1: saes[1].W_dec[[3, 7]], 4: saes[4].W_dec[[0]]}, provenance=Provenance(method="sae")
+    )
+    for info, cid in zip(selected.infos, chosen, strict=True):
+        info.candidate_index = int(cid.split(".")[1])
+    control = random_latents_like(selected, saes, seed=5)
+    assert control.count_by_layer() == {1: 2, 4: 1}
+    assert control.provenance.method == "random-latents"
+    assert not set(control.ids()) & set(chosen)
+    for info in control.infos:  # each direction lies in the span of its latent's decoder row
+        row = saes[info.layer].W_dec[info.candidate_index]
+        basis = control.bases_by_layer[info.layer]
+        torch.testing.assert_close((row @ basis.T) @ basis, row, atol=1e-4, rtol=1e-4)
+    assert random_latents_like(selected, saes, seed=5).ids() == control.ids()
+    with pytest.raises(CaftError, match="No SAE for layer 4"):
+        random_latents_like(selected, {1: saes[1]}, seed=5)

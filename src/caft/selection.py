@@ -234,6 +234,33 @@ def random_directions_like(concepts: ConceptSet, *, seed: int) -> ConceptSet:
     return result
 
 
+def random_latents_like(concepts: ConceptSet, saes, *, seed: int) -> ConceptSet:
+    """The SAE control: random latents of the same SAEs ({layer: SparseAutoencoder}), as many per
+    layer as `concepts` has there, none of them among the chosen ones (ids name latents)."""
+    from caft.concepts import DirectionInfo, Provenance
+
+    generator = torch.Generator().manual_seed(seed)
+    rows, infos = {}, []
+    for layer, count in concepts.count_by_layer().items():
+        if layer not in saes:
+            raise CaftError(f"No SAE for layer {layer}: a random-latent control needs one.")
+        chosen = {info.candidate_index for info in concepts.infos_at(layer)}
+        order = torch.randperm(saes[layer].width, generator=generator).tolist()
+        latents = [latent for latent in order if latent not in chosen][:count]
+        rows[layer] = saes[layer].W_dec[latents].float()
+        infos += [
+            DirectionInfo(layer, latent, selected_by="random-latent-control", note="random latent")
+            for latent in latents
+        ]
+    provenance = Provenance(
+        model=concepts.provenance.model,
+        method="random-latents",
+        data="none",
+        selection=f"random-latent control (seed {seed}) matching {concepts.ids()}",
+    )
+    return ConceptSet(rows, provenance=provenance, infos=infos)
+
+
 def apply_selection(
     candidates: ConceptSet,
     ids: Sequence[str],

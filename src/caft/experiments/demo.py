@@ -1,13 +1,17 @@
 """`caft demo`: the whole CAFT loop on the gender-pronoun task, with a control, per seed.
 
-Per seed: plain fine-tune → PCA of its activation differences from the base → automatic selection
-from a written concept description (contrast sets; no OOD data) → CAFT fine-tune from the base with
-the selected directions ablated → a control fine-tune ablating random directions (same count, same
-layers) → evaluation with hooks off (the deployed model) and on. The plain and CAFT runs share the
-recipe (data, steps, learning rate, seed); only the ablation differs.
+Per seed: plain fine-tune → candidates (PCA of its activation differences from the base, or SAE
+latents ranked three ways) → automatic selection from a written concept description (contrast sets,
+the offline embedding scorer, or autointerp by the base model; never OOD data) → CAFT fine-tune from
+the base with the selected directions ablated → a control fine-tune ablating random directions
+(random latents of the same SAEs for --method sae; same count, same layers) → evaluation with hooks
+off (the deployed model) and on. The plain and CAFT runs share the recipe (data, steps, learning
+rate, seed); only the ablation differs.
 
 Every stage writes its artifacts into the seed's folder and is skipped when they exist, so an
-interrupted demo resumes where it stopped.
+interrupted demo resumes where it stopped. Each variant (method and selection route) has its own
+folders beside the seed's shared base evaluation and plain fine-tune, so variants compare on the
+same seeds.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from caft.selection import (
     apply_selection,
     load_concept_description,
     random_directions_like,
+    random_latents_like,
     score_candidates,
     select_by_contrast,
     write_selection_file,
@@ -321,8 +326,13 @@ def run_seed(
     )
     del plain_model
     runs = [("caft", selected)]
-    if config.control:
-        runs.append(("control", random_directions_like(selected, seed=10_000 + seed)))
+    if config.control:  # random latents of the same SAEs for --method sae, else random directions
+        control = (
+            random_latents_like(selected, saes, seed=10_000 + seed)
+            if saes
+            else random_directions_like(selected, seed=10_000 + seed)
+        )
+        runs.append(("control", control))
     for name, concepts in runs:
         model = stage.fine_tune(name + suffix, concepts=concepts)
         results[name] = stage.evaluate_with_hooks(name + suffix, concepts, model)
