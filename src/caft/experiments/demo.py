@@ -547,6 +547,15 @@ class _Stages:
             progress=self.progress,
         )  # fmt: skip
         scores = [autointerp_score(result) for result in results.values()]
+        if all(score.score is None for score in scores):
+            masses = [r.number_mass for r in results.values() if r.number_mass is not None]
+            raise CaftError(
+                f"Autointerp with {backend.model} gave no usable relevance score on any of "
+                f"{len(scores)} candidates (probability on number answers at most "
+                f"{max(masses, default=0):.1%}; 25% needed); explanations are in "
+                f"{self.seed_dir / f'autointerp{self.suffix}'}. Use a stronger model (`caft "
+                "autointerp --backend openai`, or a larger local one) or another --selection."
+            )
         for score in scores:
             score.passes = score.score is not None and score.score >= config.autointerp_threshold
         chosen = select_by_contrast(scores, max_per_layer=config.max_per_layer)
