@@ -125,8 +125,16 @@ def _fmt(stat: dict) -> str:
 
 def markdown(summary: dict) -> str:
     n_seeds = len(summary["per_seed"])
+    config = summary.get("config", {})
+    variant = f"{config.get('method', 'pca')}-{config.get('selection', 'contrast')}"
     lines = [
         "# CAFT demo: gender-pronoun task",
+        "",
+        f"Variant `{variant}` (candidates from {variant.split('-')[0].upper()}, "
+        f"{variant.split('-')[1]} selection); other variants on the same seeds are compared at "
+        "the end."
+        if "variants" in summary
+        else f"Variant `{variant}`.",
         "",
         f"Accuracy on held-out templates; mean ± standard deviation over {n_seeds} seed(s). "
         "ID: the profession stereotype agrees with the correct pronoun (as in training); "
