@@ -217,20 +217,31 @@ def random_directions_like(concepts: ConceptSet, *, seed: int) -> ConceptSet:
     """The control: random orthonormal directions, same count at the same layers."""
     from caft.concepts import Provenance
 
-    generator = torch.Generator().manual_seed(seed)
-    raw = {
-        layer: torch.randn(count, concepts.d_model, generator=generator)
-        for layer, count in concepts.count_by_layer().items()
-    }
     provenance = Provenance(
         model=concepts.provenance.model,
         method="random",
         data="none",
         selection=f"random-control (seed {seed}) matching {concepts.ids()}",
     )
+    return random_directions(
+        concepts.count_by_layer(), concepts.d_model, seed=seed, provenance=provenance,
+        selected_by="random-control",
+    )  # fmt: skip
+
+
+def random_directions(
+    count_by_layer: dict[int, int], d_model: int, *, seed: int, provenance, selected_by: str
+) -> ConceptSet:
+    """Gaussian directions (orthonormalised per layer by ConceptSet), `count` at each layer in
+    order, drawn from one generator seeded with `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    raw = {
+        layer: torch.randn(count, d_model, generator=generator)
+        for layer, count in count_by_layer.items()
+    }
     result = ConceptSet(raw, provenance=provenance)
     for info in result.infos:
-        info.selected_by = "random-control"
+        info.selected_by = selected_by
     return result
 
 

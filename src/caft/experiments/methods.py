@@ -27,11 +27,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
 from caft.concepts import ConceptSet, Provenance, direction_id
 from caft.errors import CaftError
-from caft.selection import CandidateScore, ConceptDescription, ContrastSet, random_directions_like
+from caft.selection import (
+    CandidateScore,
+    ConceptDescription,
+    ContrastSet,
+    random_directions,
+    random_directions_like,
+)
 from caft.tasks.base import MCExample
 from caft.tasks.double_mc import QARow, material_path
 
@@ -186,18 +190,16 @@ def random_orthonormal_directions(
         raise CaftError(f"baseline_k must be at least 1, got {k}.")
     if not layers:
         raise CaftError("random_orthonormal needs at least one layer.")
-    generator = torch.Generator().manual_seed(seed)
-    raw = {layer: torch.randn(k, d_model, generator=generator) for layer in sorted(layers)}
     provenance = Provenance(
         model=model,
         method="random-orthonormal",
         data="none",
         selection=f"random orthonormal baseline: {k} per layer at layers {sorted(layers)}, seed {seed}",
     )
-    concepts = ConceptSet(raw, provenance=provenance)
-    for info in concepts.infos:
-        info.selected_by = "random-orthonormal"
-    return concepts
+    return random_directions(
+        {layer: k for layer in sorted(layers)}, d_model, seed=seed, provenance=provenance,
+        selected_by="random-orthonormal",
+    )  # fmt: skip
 
 
 # ---- the unwanted concept, described from training rows ------------------------------------------
