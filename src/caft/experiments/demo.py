@@ -309,9 +309,10 @@ def run_seed(
     )
     token_lists = encode_prompts(tokenizer, [e.prompt for e in splits.train])
     prefix = common_prefix_length(token_lists) if config.prefix_tokens < 0 else config.prefix_tokens
-    stage = _Stages(seed_dir, base_model, tokenizer, splits, train_config, prefix, progress)
-    stage.suffix = suffix
-    stage.saes = saes
+    stage = _Stages(
+        seed_dir, base_model, tokenizer, splits, train_config, prefix, progress,
+        suffix=suffix, saes=saes,
+    )  # fmt: skip
 
     results = {"seed": seed, "variant": config.variant, "prefix_tokens": prefix}
     results["data"] = splits.description
@@ -345,7 +346,10 @@ def run_seed(
 class _Stages:
     """The demo's resumable stages for one seed; each writes its output before returning."""
 
-    def __init__(self, seed_dir, base_model, tokenizer, splits, train_config, prefix, progress):
+    def __init__(
+        self, seed_dir, base_model, tokenizer, splits, train_config, prefix, progress, *,
+        suffix: str = "", saes=None,
+    ):  # fmt: skip
         self.seed_dir = Path(seed_dir)
         self.base_model = base_model
         self.tokenizer = tokenizer
@@ -353,8 +357,8 @@ class _Stages:
         self.train_config = train_config
         self.prefix = prefix
         self.progress = progress
-        self.suffix = ""  # the variant's folder suffix (see variant_suffix)
-        self.saes = None  # {layer: SAE} for --method sae
+        self.suffix = suffix  # the variant's folder suffix (see variant_suffix)
+        self.saes = saes  # {layer: SAE} for --method sae
 
     def fine_tune(self, name: str, *, concepts: ConceptSet | None):
         run_dir = self.seed_dir / name
