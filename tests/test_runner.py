@@ -331,13 +331,14 @@ def test_tasks_parse_from_names_all_and_own_data(tmp_path):
         parse_tasks([{"setting": "verbs|SENTIMENT", "rows_c": "x.csv"}])
 
 
-def test_plan_puts_runs_needing_shared_steps_first():
+def test_plan_goes_seed_by_seed_with_runs_needing_shared_steps_first():
     config = ExperimentConfig(
         tasks=["gender"], methods=["none", "fewer_steps", "random", "caft_pca"], seeds=[0, 1]
     )
     order = [(run.method, run.seed) for run in plan_runs(config)]
-    assert order[:2] == [("caft_pca", 0), ("caft_pca", 1)]
-    assert order[-2:] == [("fewer_steps", 0), ("fewer_steps", 1)]
+    assert [seed for _, seed in order] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert order[0] == ("caft_pca", 0) and order[4] == ("caft_pca", 1)
+    assert order[3] == ("fewer_steps", 0) and order[-1] == ("fewer_steps", 1)
 
 
 def test_config_errors_are_clear(tmp_path):

@@ -337,10 +337,11 @@ class RunSpec:
 
 
 def plan_runs(config: ExperimentConfig) -> list[RunSpec]:
-    """Every run of the grid, those that need the most shared steps first.
+    """Every run of the grid, seed by seed, those needing the most shared steps first in each seed.
 
-    A pool working through the list in order then computes each (task, seed)'s shared steps in its
-    first run, and the later runs find them done instead of waiting for them.
+    Seed by seed, so a grid stopped early holds whole seeds (every setting and method) to report.
+    Within a seed a pool working through the list in order computes each (task, seed)'s shared
+    steps in its first run, and the later runs find them done instead of waiting for them.
     """
     tasks = parse_tasks(config.tasks)
     order = list(METHODS)
@@ -352,7 +353,7 @@ def plan_runs(config: ExperimentConfig) -> list[RunSpec]:
     ]
     return sorted(
         runs,
-        key=lambda run: (get_method(run.method).rank, order.index(run.method), run.seed),
+        key=lambda run: (run.seed, get_method(run.method).rank, order.index(run.method)),
     )
 
 
