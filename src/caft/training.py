@@ -51,6 +51,10 @@ class TrainConfig:
     warmup_steps: int = field(default=10, metadata={"help": "Linear warm-up steps."})
     lr_scheduler: str = field(default="linear", metadata={"help": "transformers scheduler name."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(
+        default=0.999, metadata={"help": "AdamW beta2 (the paper's Gemma runs use 0.95)."}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     seed: int = field(default=0, metadata={"help": "Seed for data order and initialisation."})
     bf16: str = field(
@@ -95,6 +99,9 @@ class TrainConfig:
             )
         if self.learning_rate <= 0:
             raise CaftError(f"learning_rate must be positive, got {self.learning_rate}.")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise CaftError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
 
 
 @dataclass
@@ -221,6 +228,27 @@ def _trainer_class():
     return CaftTrainer
 
 
+def _loss_logger():
+    """A callback logging 'step N/M: loss, lr, seconds per step' at each of the Trainer's logs."""
+    from transformers import TrainerCallback
+
+    class LossLogger(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs or not state.global_step:
+                return
+            seconds = (time.perf_counter() - self.start) / state.global_step
+            logger.info(
+                "step %d/%d: loss %.4f, lr %.2e, %.2f s/step",
+                state.global_step, state.max_steps, logs["loss"],
+                logs.get("learning_rate", float("nan")), seconds,
+            )  # fmt: skip
+
+    return LossLogger()
+
+
 def train(
     model: nn.Module,
     tokenizer,
@@ -271,6 +299,8 @@ def train(
         warmup_steps=config.warmup_steps,
         lr_scheduler_type=config.lr_scheduler,
         weight_decay=config.weight_decay,
+        adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2,
         max_grad_norm=config.max_grad_norm,
         seed=config.seed,
         data_seed=config.seed,
@@ -286,6 +316,8 @@ def train(
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=dataset, data_collator=collator
     )
+    if not progress:  # no bar: the loss goes to the log instead, so long runs still show progress
+        trainer.add_callback(_loss_logger())
     model.train()
     start = time.perf_counter()
     if concepts is not None:

@@ -119,6 +119,8 @@ class ExperimentConfig:
     warmup_ratio: float = field(default=0.1, metadata={"help": "Warm-up steps / total steps."})
     lr_scheduler: str = field(default="linear", metadata={"help": "transformers scheduler name."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (paper: 0.95)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     bf16: str = field(default="auto", metadata={"help": "bf16 autocast: auto, yes, no."})
     fewer_steps_fraction: float = field(
@@ -516,6 +518,8 @@ class RunContext:
             warmup_steps=round(s.warmup_ratio * steps),
             lr_scheduler=s.lr_scheduler,
             weight_decay=s.weight_decay,
+            adam_beta1=s.adam_beta1,
+            adam_beta2=s.adam_beta2,
             max_grad_norm=s.max_grad_norm,
             bf16=s.bf16,
             seed=self.seed,
