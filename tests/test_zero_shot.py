@@ -8,6 +8,7 @@ import torch
 from caft.errors import CaftError
 from caft.tasks.double_mc import QARow, make_rows
 from caft.tasks.zero_shot import (
+    answer_log_probs,
     continuation_accuracy,
     continuation_prompt,
     letter_examples,
@@ -64,6 +65,28 @@ def test_continuation_accuracy_matches_summed_log_probabilities(model, tokenizer
         ]
         expected.append(totals[0] > totals[1])
     assert continuation_accuracy(model, tokenizer, rows) == pytest.approx(sum(expected) / 3)
+
+
+def test_batched_answer_log_probs_match_one_sequence_at_a_time(model, tokenizer):
+    """Prompts and answers of different token lengths, so padding and the kept positions vary."""
+    pairs = [
+        ("The doctor said that", "she"),
+        ("A much longer prompt about the nurse, who thanked", "him"),
+        ("Chris Paul is known for playing", "basketball games"),
+        ("It was great.\nAnswer:", "positive"),
+        ("The kids near the bike", "are"),
+    ]
+    expected = []
+    for prompt, answer in pairs:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        answer_ids = tokenizer(f" {answer}", add_special_tokens=False)["input_ids"]
+        expected.append(_sequence_logprob(model, prompt_ids + answer_ids, len(prompt_ids)))
+    assert (
+        len({len(tokenizer(f" {a}", add_special_tokens=False)["input_ids"]) for _, a in pairs}) > 1
+    )
+    for batch_size in (1, 2, 5):
+        got = answer_log_probs(model, tokenizer, pairs, batch_size=batch_size)
+        assert got == pytest.approx(expected, abs=1e-4)
 
 
 def test_table_and_markdown(model, tokenizer):

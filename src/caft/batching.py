@@ -50,11 +50,17 @@ def batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
 
 def last_position_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits [batch, vocab] at the last position, computing the LM head there only when supported."""
+    return last_logits(model, batch, 1)[:, -1, :]
+
+
+def last_logits(model, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+    """Logits [batch, keep, vocab] of the last `keep` positions, the LM head run there only when
+    the model supports it (the vocabulary projection is most of a small model's forward)."""
     try:
-        outputs = model(**batch, logits_to_keep=1)
+        outputs = model(**batch, logits_to_keep=keep)
     except TypeError:  # models without logits_to_keep
         outputs = model(**batch)
-    return outputs.logits[:, -1, :]
+    return outputs.logits[:, -keep:, :]
 
 
 def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from caft.batching import encode_prompts, model_device
+from caft.batching import encode_prompts, last_logits, model_device, pad_left
 from caft.errors import CaftError
 from caft.evaluation import evaluate_mc
 from caft.tasks.base import MCExample
@@ -58,20 +58,52 @@ def continuation_prompt(question: str) -> str:
 
 
 @torch.no_grad()
-def continuation_accuracy(model, tokenizer, rows: Sequence[QARow], *, progress: bool = False):
-    """Fraction of rows whose correct answer word has the higher summed log-probability."""
+def answer_log_probs(
+    model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_size: int = 16
+) -> list[float]:
+    """Summed log-probability of each `answer` (a leading space added) after its `prompt`.
+
+    Sequences are left-padded so every answer ends at the last position, and the LM head runs only
+    on the last (longest answer + 1) positions: the vocabulary projection is most of the cost.
+    """
     device = model_device(model)
+    sequences, answer_lengths = [], []
+    for prompt, answer in pairs:
+        answer_ids = tokenizer(f" {answer}", add_special_tokens=False)["input_ids"]
+        sequences.append(encode_prompts(tokenizer, [prompt])[0] + answer_ids)
+        answer_lengths.append(len(answer_ids))
+    totals: list[float] = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        lengths = answer_lengths[start : start + batch_size]
+        keep = max(lengths) + 1
+        batch = {k: v.to(device) for k, v in pad_left(chunk, tokenizer.pad_token_id).items()}
+        logits = last_logits(model, batch, keep).float()
+        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)  # predicts the last keep-1 tokens
+        targets = batch["input_ids"][:, -(keep - 1) :]
+        token_log_probs = log_probs.gather(-1, targets[..., None])[..., 0]
+        totals.extend(
+            token_log_probs[row, keep - 1 - n :].sum().item() for row, n in enumerate(lengths)
+        )
+    return totals
+
+
+def continuation_accuracy(
+    model, tokenizer, rows: Sequence[QARow], *, batch_size: int = 16, progress: bool = False
+) -> float:
+    """Fraction of rows whose correct answer word has the higher summed log-probability."""
     right = 0
-    for row in tqdm(rows, desc="continuations", disable=not progress, leave=False):
-        prompt_ids = encode_prompts(tokenizer, [continuation_prompt(row.question)])[0]
-        totals = []
-        for answer in (row.correct, row.incorrect):
-            answer_ids = tokenizer(f" {answer}", add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([prompt_ids + answer_ids], device=device)
-            log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-            positions = range(len(prompt_ids) - 1, ids.shape[1] - 1)
-            totals.append(sum(log_probs[p, ids[0, p + 1]].item() for p in positions))
-        right += totals[0] > totals[1]
+    for start in tqdm(
+        range(0, len(rows), batch_size), desc="continuations", disable=not progress, leave=False
+    ):
+        chunk = rows[start : start + batch_size]
+        pairs = [
+            (continuation_prompt(row.question), answer)
+            for row in chunk
+            for answer in (row.correct, row.incorrect)
+        ]
+        scores = answer_log_probs(model, tokenizer, pairs, batch_size=2 * len(chunk))
+        right += sum(scores[2 * i] > scores[2 * i + 1] for i in range(len(chunk)))
     return right / len(rows)
 
 
