@@ -12,7 +12,9 @@ import pytest
 
 from caft.experiments.grid_report import (
     CSV_COLUMNS,
+    _comparison_lines,
     build_report,
+    compare,
     mean_sem,
     write_grid_report,
 )
@@ -157,6 +159,21 @@ def test_win_counts_and_mean_differences(experiment):
     text = (write_grid_report(experiment), (experiment / "report.md").read_text())[1]
     assert "| CAFT-PCA | plain | 1 of 2 | +22.5 | 4 of 6 |" in text
     assert "| CAFT-PCA | random | 2 of 2 | +31.0 | 5 of 5 |" in text
+    assert plain["by_setting"]["verbs|SENTIMENT"] == pytest.approx(0.8 - 0.3)
+    assert "| CAFT-PCA − plain | CAFT-PCA − random |" in text
+    assert "| sentiment\\|VERBS | -5.0 | +12.0 |" in text
+
+
+def test_equal_means_count_as_ties_not_wins():
+    def cell(values):
+        return {"seeds": [0, 1], "ood": {"mean": sum(values) / 2, "values": values}}
+
+    cells = {"a": {"caft_pca": cell([1.0, 1.0]), "none": cell([1.0, 1.0])}}
+    found = compare(cells, "caft_pca", "none")
+    assert (found["wins"], found["ties"], found["paired_seed_wins"]) == (0, 1, 0)
+    assert "| CAFT-PCA | plain | 0 of 1 (1 tied) | +0.0 | 0 of 2 |" in "\n".join(
+        _comparison_lines([found])
+    )
 
 
 def test_hook_dependence_is_averaged_over_runs(experiment):

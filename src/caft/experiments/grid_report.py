@@ -196,21 +196,22 @@ def _ordered(items: set, order: Sequence) -> list:
 def compare(cells: dict, method: str, other: str) -> dict | None:
     """Over settings that have both: how often `method`'s mean OOD accuracy beats `other`'s.
 
-    Also the mean difference (in accuracy points), and per seed: wins among paired seeds.
+    Also the difference per setting and its mean, and per seed: wins among paired seeds.
     """
-    differences, paired_wins, paired = [], 0, 0
-    for by_method in cells.values():
+    by_setting, paired_wins, paired = {}, 0, 0
+    for task, by_method in cells.items():
         a, b = by_method.get(method), by_method.get(other)
         if not a or not b or a["ood"]["mean"] is None or b["ood"]["mean"] is None:
             continue
-        differences.append(a["ood"]["mean"] - b["ood"]["mean"])
+        by_setting[task] = a["ood"]["mean"] - b["ood"]["mean"]
         b_by_seed = dict(zip(b["seeds"], b["ood"]["values"], strict=True))
         for seed, value in zip(a["seeds"], a["ood"]["values"], strict=True):
             if seed in b_by_seed:
                 paired += 1
                 paired_wins += value > b_by_seed[seed]
-    if not differences:
+    if not by_setting:
         return None
+    differences = list(by_setting.values())
     return {
         "method": method,
         "other": other,
@@ -218,6 +219,7 @@ def compare(cells: dict, method: str, other: str) -> dict | None:
         "wins": sum(d > 0 for d in differences),
         "ties": sum(d == 0 for d in differences),
         "mean_difference": statistics.fmean(differences),
+        "by_setting": by_setting,
         "paired_seed_wins": paired_wins,
         "paired_seeds": paired,
     }
@@ -306,18 +308,42 @@ def _comparison_lines(found: list[dict]) -> list[str]:
         "",
         "## Does CAFT beat the plain fine-tune and the controls?",
         "",
-        "Settings where CAFT's mean OOD accuracy is higher, and the mean difference over those "
-        "settings (accuracy points); per seed: wins among runs with the same seed (same data).",
+        "Settings where CAFT's mean OOD accuracy is higher (equal ones counted as tied), and the "
+        "mean difference over those settings (accuracy points); per seed: wins among runs with the "
+        "same seed (same data).",
         "",
         "| CAFT | vs | settings won | mean difference | seeds won |",
         "|---|---|---|---|---|",
     ]
     for c in found:
+        tied = f" ({c['ties']} tied)" if c["ties"] else ""
         lines.append(
-            f"| {METHOD_LABELS.get(c['method'], c['method'])} | "
-            f"{METHOD_LABELS.get(c['other'], c['other'])} | {c['wins']} of {c['n_settings']} | "
-            f"{100 * c['mean_difference']:+.1f} | {c['paired_seed_wins']} of {c['paired_seeds']} |"
+            f"| {_label(c['method'])} | {_label(c['other'])} | {c['wins']} of {c['n_settings']}"
+            f"{tied} | {100 * c['mean_difference']:+.1f} | "
+            f"{c['paired_seed_wins']} of {c['paired_seeds']} |"
         )
+    return lines + _difference_table(found)
+
+
+def _label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def _difference_table(found: list[dict]) -> list[str]:
+    """Settings × comparisons: mean OOD accuracy of the CAFT method minus the other's, in points."""
+    tasks = list(dict.fromkeys(task for c in found for task in c["by_setting"]))
+    header = [f"{_label(c['method'])} − {_label(c['other'])}" for c in found]
+    lines = [
+        "",
+        "Per setting (mean OOD accuracy, points):",
+        "",
+        "| setting | " + " | ".join(header) + " |",
+        "|---|" + "---|" * len(found),
+    ]
+    for task in tasks:
+        values = [c["by_setting"].get(task) for c in found]
+        texts = ["–" if v is None else f"{100 * v:+.1f}" for v in values]
+        lines.append(f"| {_escape(task)} | " + " | ".join(texts) + " |")
     return lines
 
 
