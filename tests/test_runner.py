@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -362,6 +363,17 @@ def test_resuming_with_other_settings_is_refused_but_the_grid_may_grow(tmp_path)
     assert len(prepare_experiment(grown)) == 6
     with pytest.raises(CaftError, match=r"learning_rate: 2e-05 -> 0\.001"):
         prepare_experiment(ExperimentConfig(output_dir=str(tmp_path), learning_rate=1e-3))
+
+
+def test_a_methods_own_settings_may_change_until_one_of_its_runs_starts(tmp_path):
+    config = ExperimentConfig(output_dir=str(tmp_path), tasks=["gender"], methods=["none"])
+    prepare_experiment(config)
+    extended = replace(config, methods=["none", "top_k"], baseline_k=2, fewer_steps_fraction=0.25)
+    (top_k_run,) = [r for r in prepare_experiment(extended) if r.method == "top_k" and r.seed == 0]
+    (top_k_run.run_dir(tmp_path) / "log.txt").write_text("started\n")
+    with pytest.raises(CaftError, match=r"baseline_k: 2 -> 3"):
+        prepare_experiment(replace(extended, baseline_k=3))
+    prepare_experiment(replace(extended, fewer_steps_fraction=0.75))  # no fewer_steps run yet
 
 
 def test_only_selects_runs_by_pattern():

@@ -221,6 +221,14 @@ class ExperimentConfig:
 # Settings that do not change any run's results: an experiment may be resumed or extended with
 # other values (more seeds, methods or tasks; another number of threads).
 RESUME_NEUTRAL = ("name", "output_dir", "tasks", "methods", "seeds", "threads", "keep_models")
+# Settings read by some methods only: they may change until a run of one of those methods has
+# started (e.g. add caft_sae and its SAEs to a finished PCA grid).
+METHOD_SETTINGS = {
+    "saes": ("caft_sae",),
+    "sae_top_per_ranking": ("caft_sae",),
+    "baseline_k": ("top_k", "random_orthonormal"),
+    "fewer_steps_fraction": ("fewer_steps",),
+}
 
 
 def load_experiment_config(path: str | Path, **overrides) -> ExperimentConfig:
@@ -992,12 +1000,27 @@ def prepare_experiment(config: ExperimentConfig) -> list[RunSpec]:
 
 def check_resumable(root: Path, config: ExperimentConfig) -> None:
     """Refuse to mix runs made with other settings into one experiment folder."""
-    details = changed_settings(Path(root) / EXPERIMENT_FILE, config, RESUME_NEUTRAL)
+    unused = tuple(
+        name
+        for name, methods in METHOD_SETTINGS.items()
+        if not any(_method_started(Path(root), method) for method in methods)
+    )
+    details = changed_settings(Path(root) / EXPERIMENT_FILE, config, RESUME_NEUTRAL + unused)
     if details:
         raise CaftError(
             f"{root} holds an experiment with other settings ({details}). Resume it with the same "
-            "settings (tasks, methods and seeds may change), or use another output_dir."
+            "settings (tasks, methods and seeds may change, and a method's own settings until "
+            "one of its runs has started), or use another output_dir."
         )
+
+
+def _method_started(root: Path, method: str) -> bool:
+    """Whether any run of `method` in the experiment folder has started (left a log or result)."""
+    return any(
+        (run_dir / name).exists()
+        for run_dir in root.glob(f"runs/*/{method}/seed_*")
+        for name in (LOG_FILE, METRICS_FILE, ERROR_FILE)
+    )
 
 
 def select_runs(runs: list[RunSpec], only: Sequence[str] | None) -> list[RunSpec]:
