@@ -15,6 +15,7 @@ from caft.experiments.grid_report import (
     _comparison_lines,
     build_report,
     compare,
+    markdown,
     mean_sem,
     write_grid_report,
 )
@@ -196,3 +197,39 @@ def test_an_empty_experiment_gives_a_report_without_figures(tmp_path):
     assert report["cells"] == {}
     assert (tmp_path / "report.md").is_file() and (tmp_path / "results.csv").is_file()
     assert not (tmp_path / "ood_accuracy.png").exists()
+
+
+def test_runs_that_did_not_learn_the_task_are_listed_and_compared_without(experiment):
+    report, _ = build_report(experiment)
+    assert report["learned"]["not_learned"] == [] and "learned the training task" not in markdown(
+        report
+    )
+    path = experiment / "runs" / "verbs-sentiment.intended-sentiment/caft_pca/seed_2/metrics.json"
+    metrics = json.loads(path.read_text())
+    path.write_text(json.dumps(metrics | {"id_accuracy": 0.5}))
+    report, _ = build_report(experiment)
+    part = report["learned"]
+    assert part["min_id_accuracy"] == 0.9
+    assert [r["run_id"] for r in part["not_learned"]] == [metrics["run_id"]]
+    cell = part["cells"]["verbs|SENTIMENT"]["caft_pca"]
+    assert cell["seeds"] == [0, 1] and cell["ood"]["mean"] == pytest.approx(0.85)
+    assert report["cells"]["verbs|SENTIMENT"]["caft_pca"]["seeds"] == [0, 1, 2]
+    plain = next(c for c in part["comparisons"] if c["other"] == "none")
+    assert plain["mean_difference"] == pytest.approx(((0.85 - 0.3) + (0.55 - 0.6)) / 2)
+    assert plain["paired_seeds"] == 5
+    text = markdown(report)
+    assert "## Runs that learned the training task (ID ≥ 0.9)" in text
+    assert f"{metrics['run_id']} (ID 0.50, OOD 0.70)" in text
+    assert "| CAFT-PCA | plain | 1 of 2 | +25.0 | 3 of 5 |" in text
+
+
+def test_unplanned_folders_count_only_when_they_hold_a_result(experiment):
+    planned_rows = len(build_report(experiment)[1])
+    dropped = experiment / "runs" / "sports-verbs.intended-verbs"
+    (dropped / "none" / "seed_0").mkdir(parents=True)
+    (dropped / "none" / "seed_0" / "config.json").write_text(json.dumps({"task": {}}))
+    assert len(build_report(experiment)[1]) == planned_rows  # planned once, never run
+    (dropped / "caft_pca" / "seed_0").mkdir(parents=True)
+    (dropped / "caft_pca" / "seed_0" / "error.txt").write_text("RuntimeError: boom\n")
+    rows = build_report(experiment)[1]
+    assert len(rows) == planned_rows + 1 and rows[-1]["status"] == "failed"

@@ -24,6 +24,7 @@ from caft.experiments.methods import METHODS
 from caft.io import atomic_write_text, read_json, write_json
 
 CAFT_METHODS = ("caft_pca", "caft_sae")
+DEFAULT_MIN_ID_ACCURACY = 0.9  # below it a run did not learn the training task
 CSV_COLUMNS = (
     "run_id",
     "task",
@@ -67,12 +68,13 @@ METHOD_LABELS = {
 
 # ---- collecting -------------------------------------------------------------------------------
 def collect_results(root: str | Path) -> list[dict]:
-    """One flat row per run of the experiment: finished, failed, or planned and not yet run."""
+    """One flat row per run: each planned one (finished, failed or not yet run), and each other
+    run folder that holds a result (e.g. of a task since dropped from the config)."""
     root = Path(root)
     planned = _planned_run_ids(root)
     found = {
         str(path.parent.relative_to(root / "runs")): path.parent
-        for pattern in ("*/*/*/metrics.json", "*/*/*/config.json")
+        for pattern in ("*/*/*/metrics.json", "*/*/*/error.txt")
         for path in sorted((root / "runs").glob(pattern))
     }
     run_ids = planned + sorted(set(found) - set(planned))
@@ -153,19 +155,22 @@ def mean_sem(values: Sequence[float]) -> dict:
     return {"mean": statistics.fmean(values), "sem": sem, "n": len(values), "values": values}
 
 
-def grid_cells(rows: Sequence[dict]) -> dict[str, dict[str, dict]]:
+def grid_cells(rows: Sequence[dict], min_id: float | None = None) -> dict[str, dict[str, dict]]:
     """{task: {method: {"ood": mean_sem, "id": mean_sem, "seeds": [...]}}} over finished runs.
 
+    min_id: only runs whose ID accuracy reaches it (those that learned the training task).
     A `base` pseudo-method holds the base model's accuracy (one value per seed).
     """
     finished = [row for row in rows if row["status"] == "finished"]
+    kept = finished if min_id is None else [r for r in finished if learned(r, min_id)]
     cells: dict[str, dict[str, dict]] = {}
     for task in _ordered({row["task"] for row in finished}, [r["task"] for r in rows]):
         task_rows = [row for row in finished if row["task"] == task]
         cells[task] = {"base": _base_cell(task_rows)}
-        for method in _ordered({row["method"] for row in task_rows}, list(METHODS)):
+        kept_rows = [row for row in kept if row["task"] == task]
+        for method in _ordered({row["method"] for row in kept_rows}, list(METHODS)):
             method_rows = sorted(
-                (r for r in task_rows if r["method"] == method), key=lambda r: r["seed"]
+                (r for r in kept_rows if r["method"] == method), key=lambda r: r["seed"]
             )
             cells[task][method] = {
                 "ood": mean_sem([r["ood_accuracy"] for r in method_rows]),
@@ -173,6 +178,13 @@ def grid_cells(rows: Sequence[dict]) -> dict[str, dict[str, dict]]:
                 "seeds": [r["seed"] for r in method_rows],
             }
     return cells
+
+
+def learned(row: dict, min_id: float) -> bool:
+    """Whether a finished run learned the training task: its ID accuracy reaches `min_id`. A run
+    that did not is near chance on every split, so its OOD accuracy says nothing about what it
+    generalized; judged on ID data only, which a user has."""
+    return row["id_accuracy"] is not None and row["id_accuracy"] >= min_id
 
 
 def _base_cell(task_rows: Sequence[dict]) -> dict:
@@ -263,13 +275,10 @@ def markdown(report: dict) -> str:
         "are evaluated without hooks except `test-time ablation`; `base` is the model before "
         "fine-tuning.",
         "",
-        "| setting | " + " | ".join(["base", *[METHOD_LABELS.get(m, m) for m in methods]]) + " |",
-        "|---|" + "---|" * (len(methods) + 1),
     ]
-    for task, by_method in cells.items():
-        texts = [_cell_text(by_method.get(m)) for m in ["base", *methods]]
-        lines.append(f"| {_escape(task)} | " + " | ".join(texts) + " |")
+    lines += _table_lines(cells, methods)
     lines += _comparison_lines(report["comparisons"])
+    lines += _learned_lines(report["learned"], methods)
     lines += _hook_lines(report["hook_dependence"])
     lines += _failure_lines(report["failures"])
     lines += [
@@ -282,6 +291,42 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _table_lines(cells: dict, methods: Sequence[str]) -> list[str]:
+    lines = [
+        "| setting | " + " | ".join(["base", *[_label(m) for m in methods]]) + " |",
+        "|---|" + "---|" * (len(methods) + 1),
+    ]
+    for task, by_method in cells.items():
+        texts = [_cell_text(by_method.get(m)) for m in ["base", *methods]]
+        lines.append(f"| {_escape(task)} | " + " | ".join(texts) + " |")
+    return lines
+
+
+def _learned_lines(learned_part: dict, methods: Sequence[str]) -> list[str]:
+    """The table and comparisons again over the runs that learned the training task."""
+    not_learned = learned_part["not_learned"]
+    if not not_learned:
+        return []
+    min_id = learned_part["min_id_accuracy"]
+    listed = ", ".join(
+        f"{r['run_id']} (ID {r['id_accuracy']:.2f}, OOD {r['ood_accuracy']:.2f})"
+        for r in not_learned
+    )
+    lines = [
+        "",
+        f"## Runs that learned the training task (ID ≥ {min_id:g})",
+        "",
+        f"{len(not_learned)} finished run(s) stayed below ID accuracy {min_id:g}: near chance on "
+        "both splits, their OOD accuracy says nothing about which question they learned to "
+        f"answer. Left out here (judged on ID data only): {listed}.",
+        "",
+        *_table_lines(learned_part["cells"], methods),
+    ]
+    return lines + _comparison_lines(
+        learned_part["comparisons"], title="CAFT vs the others, runs that learned the task only"
+    )
 
 
 def _escape(text: str) -> str:
@@ -301,12 +346,14 @@ def _recipe(settings: dict) -> str:
     )
 
 
-def _comparison_lines(found: list[dict]) -> list[str]:
+def _comparison_lines(
+    found: list[dict], title: str = "Does CAFT beat the plain fine-tune and the controls?"
+) -> list[str]:
     if not found:
         return []
     lines = [
         "",
-        "## Does CAFT beat the plain fine-tune and the controls?",
+        f"## {title}",
         "",
         "Settings where CAFT's mean OOD accuracy is higher (equal ones counted as tied), and the "
         "mean difference over those settings (accuracy points); per seed: wins among runs with the "
@@ -409,6 +456,13 @@ def build_report(root: str | Path) -> tuple[dict, list[dict]]:
     settings = read_json(root / "experiment.json") if (root / "experiment.json").is_file() else {}
     settings.pop("run_ids", None)
     cells = grid_cells(rows)
+    min_id = settings.get("min_id_accuracy", DEFAULT_MIN_ID_ACCURACY)
+    not_learned = [
+        {"run_id": r["run_id"], "id_accuracy": r["id_accuracy"], "ood_accuracy": r["ood_accuracy"]}
+        for r in rows
+        if r["status"] == "finished" and not learned(r, min_id)
+    ]
+    learned_cells = grid_cells(rows, min_id) if not_learned else cells
     methods = _ordered({m for by in cells.values() for m in by if m != "base"}, list(METHODS))
     counts = {
         s: sum(r["status"] == s for r in rows) for s in ("finished", "failed", "not finished")
@@ -420,6 +474,12 @@ def build_report(root: str | Path) -> tuple[dict, list[dict]]:
         "counts": counts,
         "cells": cells,
         "comparisons": comparisons(cells),
+        "learned": {
+            "min_id_accuracy": min_id,
+            "not_learned": not_learned,
+            "cells": learned_cells,
+            "comparisons": comparisons(learned_cells),
+        },
         "hook_dependence": hook_dependence(rows),
         "failures": [
             {"run_id": r["run_id"], "error": r["error"]} for r in rows if r["status"] == "failed"

@@ -173,6 +173,13 @@ class ExperimentConfig:
     threads: int = field(
         default=0, metadata={"help": "torch threads per run (0: cores / parallel workers)."}
     )
+    min_id_accuracy: float = field(
+        default=0.9,
+        metadata={
+            "help": "Report: runs below this ID accuracy did not learn the training task and are "
+            "also compared without them."
+        },
+    )
     keep_models: bool = field(
         default=False,
         metadata={
@@ -220,7 +227,9 @@ class ExperimentConfig:
 
 # Settings that do not change any run's results: an experiment may be resumed or extended with
 # other values (more seeds, methods or tasks; another number of threads).
-RESUME_NEUTRAL = ("name", "output_dir", "tasks", "methods", "seeds", "threads", "keep_models")
+RESUME_NEUTRAL = (
+    "name", "output_dir", "tasks", "methods", "seeds", "threads", "keep_models", "min_id_accuracy",
+)  # fmt: skip
 # Settings read by some methods only: they may change until a run of one of those methods has
 # started (e.g. add caft_sae and its SAEs to a finished PCA grid).
 METHOD_SETTINGS = {
