@@ -14,6 +14,19 @@ import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# A small corpus for window/display tests: pronouns, prompt fragments, code, markup.
+WINDOW_DOCS = [
+    "The teacher said he would grade the tests on Monday.",
+    "Answer: A",
+    "The nurse told him that she was busy.",
+    "def add(a, b):\n    return a + b",
+    "Choose the option corresponding to the correct pronoun.",
+    "The engineer fixed the bridge because she knew how.",
+    "<b>bold</b> & more",
+    "Question: The pilot said _____ was tired.",
+    "The chef cooked dinner for her family and him.",
+    "Answer: B",
+]
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -26,19 +26,7 @@ from caft.discovery.sae import SparseAutoencoder
 from caft.displays import collect_windows
 from caft.errors import CaftError
 from caft.models import find_decoder_layers
-
-DOCS = [
-    "The teacher said he would grade the tests on Monday.",
-    "Answer: A",
-    "The nurse told him that she was busy.",
-    "def add(a, b):\n    return a + b",
-    "Choose the option corresponding to the correct pronoun.",
-    "The engineer fixed the bridge because she knew how.",
-    "<b>bold</b> & more",
-    "Question: The pilot said _____ was tired.",
-    "The chef cooked dinner for her family and him.",
-    "Answer: B",
-]
+from conftest import WINDOW_DOCS
 
 
 def _pcs() -> ConceptSet:
@@ -69,7 +57,7 @@ def _outputs_by_document(model, tokenizer, layer: int) -> list[torch.Tensor]:
     )
     try:
         with torch.no_grad():
-            for doc in DOCS:
+            for doc in WINDOW_DOCS:
                 model(input_ids=torch.tensor([tokenizer(doc)["input_ids"]]))
                 rows.append(captured["h"][0])
     finally:
@@ -80,11 +68,11 @@ def _outputs_by_document(model, tokenizer, layer: int) -> list[torch.Tensor]:
 def test_pc_windows_match_the_heap_displays_and_a_recomputation(tokenizer, model):
     concepts = _pcs()
     stats = collect_feature_stats(
-        model, tokenizer, DOCS, features_from(concepts), n_examples=4, window=8, batch_size=3,
+        model, tokenizer, WINDOW_DOCS, features_from(concepts), n_examples=4, window=8, batch_size=3,
         progress=False,
     )  # fmt: skip
     heaps = collect_windows(
-        model, tokenizer, DOCS, concepts, n_examples=4, window=8, progress=False
+        model, tokenizer, WINDOW_DOCS, concepts, n_examples=4, window=8, progress=False
     )
     for identifier in concepts.ids():
         for side in ("top", "bottom"):
@@ -108,14 +96,16 @@ def test_sae_latent_windows_are_latent_activations_where_active(tokenizer, model
     sae = _sae()
     concepts = sae.to_concept_set([5, 0, 33, 12])
     stats = collect_feature_stats(
-        model, tokenizer, DOCS, features_from(concepts, {1: sae}), n_examples=3, batch_size=4,
+        model, tokenizer, WINDOW_DOCS, features_from(concepts, {1: sae}), n_examples=3, batch_size=4,
         progress=False,
     )  # fmt: skip
     outputs = _outputs_by_document(model, tokenizer, 1)
     for latent in (5, 0, 33, 12):
         acts = [sae.encode(h)[1:, latent] for h in outputs]  # position 0 is not scored
         maxima = [a.max().item() for a in acts]
-        active = [d for d in sorted(range(len(DOCS)), key=lambda d: -maxima[d]) if maxima[d] > 0]
+        active = [
+            d for d in sorted(range(len(WINDOW_DOCS)), key=lambda d: -maxima[d]) if maxima[d] > 0
+        ]
         stat = stats[f"L1.{latent}"]
         assert [w.document for w in stat.top] == active[:3] and active
         assert stat.bottom == []
@@ -185,7 +175,7 @@ def test_page_has_index_cards_histograms_and_logit_effects(tokenizer, model):
     latents = [5, 0, 33, 12]
     concepts = sae.to_concept_set(latents, scores=[0.4, 0.3, 0.2, 0.1])
     dashboard = build_dashboard(
-        model, tokenizer, DOCS, concepts, saes={1: sae}, corpus_note="ten <docs>",
+        model, tokenizer, WINDOW_DOCS, concepts, saes={1: sae}, corpus_note="ten <docs>",
         n_examples=3, progress=False,
     )  # fmt: skip
     extra = {"L1.5": {"attribution": 1.5, "mean_diff": -0.25}}
@@ -214,7 +204,9 @@ def test_page_has_index_cards_histograms_and_logit_effects(tokenizer, model):
 
 def test_pca_candidates_render_with_both_ends(tokenizer, model):
     concepts = _pcs()
-    dashboard = build_dashboard(model, tokenizer, DOCS, concepts, n_examples=2, progress=False)
+    dashboard = build_dashboard(
+        model, tokenizer, WINDOW_DOCS, concepts, n_examples=2, progress=False
+    )
     page = render_dashboard(dashboard)
     for identifier in concepts.ids():
         assert f"<section id='{identifier}'>" in page

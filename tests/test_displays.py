@@ -19,19 +19,7 @@ from caft.displays import (
 )
 from caft.errors import CaftError
 from caft.models import find_decoder_layers
-
-DOCS = [
-    "The teacher said he would grade the tests on Monday.",
-    "Answer: A",
-    "The nurse told him that she was busy.",
-    "def add(a, b):\n    return a + b",
-    "Choose the option corresponding to the correct pronoun.",
-    "The engineer fixed the bridge because she knew how.",
-    "<b>bold</b> & more",
-    "Question: The pilot said _____ was tired.",
-    "The chef cooked dinner for her family and him.",
-    "Answer: B",
-]
+from conftest import WINDOW_DOCS
 
 
 def _concepts() -> ConceptSet:
@@ -52,7 +40,7 @@ def _projections_by_document(model, tokenizer, concepts, layer: int, index: int)
     rows = []
     try:
         with torch.no_grad():
-            for doc in DOCS:
+            for doc in WINDOW_DOCS:
                 ids = tokenizer(doc)["input_ids"]
                 model(input_ids=torch.tensor([ids]))
                 rows.append((captured["hidden"][0] @ direction).tolist())
@@ -87,7 +75,7 @@ def test_default_corpus_loads_and_matches_its_note():
 
 def test_windows_are_sorted_bounded_and_peak_inside(tokenizer, model):
     windows = collect_windows(
-        model, tokenizer, DOCS, _concepts(), n_examples=3, window=6, progress=False
+        model, tokenizer, WINDOW_DOCS, _concepts(), n_examples=3, window=6, progress=False
     )
     assert set(windows) == {"L0.0", "L0.1", "L1.0", "L1.1"}
     for sides in windows.values():
@@ -104,7 +92,7 @@ def test_windows_are_sorted_bounded_and_peak_inside(tokenizer, model):
 
 def test_window_extremes_equal_independent_recomputation(tokenizer, model):
     concepts = _concepts()
-    windows = collect_windows(model, tokenizer, DOCS, concepts, n_examples=4, progress=False)
+    windows = collect_windows(model, tokenizer, WINDOW_DOCS, concepts, n_examples=4, progress=False)
     for layer in (0, 1):
         for index in (0, 1):
             rows = _projections_by_document(model, tokenizer, concepts, layer, index)
@@ -112,8 +100,8 @@ def test_window_extremes_equal_independent_recomputation(tokenizer, model):
             minima = [min(row[1:]) for row in rows]
             top = windows[f"L{layer}.{index}"]["top"]
             bottom = windows[f"L{layer}.{index}"]["bottom"]
-            expected_top = sorted(range(len(DOCS)), key=lambda d: -maxima[d])[:4]
-            expected_bottom = sorted(range(len(DOCS)), key=lambda d: minima[d])[:4]
+            expected_top = sorted(range(len(WINDOW_DOCS)), key=lambda d: -maxima[d])[:4]
+            expected_bottom = sorted(range(len(WINDOW_DOCS)), key=lambda d: minima[d])[:4]
             assert [w.document for w in top] == expected_top
             assert [w.document for w in bottom] == expected_bottom
             for item in top:
@@ -124,17 +112,17 @@ def test_window_extremes_equal_independent_recomputation(tokenizer, model):
 
 def test_window_tokens_are_the_documents_tokens(tokenizer, model):
     windows = collect_windows(
-        model, tokenizer, DOCS, _concepts(), n_examples=10, window=40, progress=False
+        model, tokenizer, WINDOW_DOCS, _concepts(), n_examples=10, window=40, progress=False
     )
     for item in windows["L1.0"]["top"]:
-        ids = tokenizer(DOCS[item.document])["input_ids"]
+        ids = tokenizer(WINDOW_DOCS[item.document])["input_ids"]
         assert "".join(item.tokens) == tokenizer.decode(ids)
 
 
 def test_html_is_self_contained_lists_every_candidate_and_escapes_tokens(tokenizer, model):
     concepts = _concepts()
     windows = collect_windows(
-        model, tokenizer, DOCS, concepts, n_examples=10, window=40, progress=False
+        model, tokenizer, WINDOW_DOCS, concepts, n_examples=10, window=40, progress=False
     )
     page = render_html(
         concepts, windows, title="<t>", selected={"L1.0"}, scores={"L1.0": 2.5}, corpus_note="c"
