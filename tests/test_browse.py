@@ -35,17 +35,9 @@ from caft.concepts import ConceptSet, DirectionInfo, Provenance
 from caft.errors import CaftError
 from caft.io import read_json, write_json
 from caft.selection import CandidateScore, read_selection, write_selection_file
+from conftest import WINDOW_DOCS
 
-DOCS = [
-    "The teacher said he would grade the tests on Monday.",
-    "The nurse told him that she was busy.",
-    "def add(a, b):\n    return a + b",
-    "Choose the option corresponding to the correct pronoun.",
-    "The engineer fixed the bridge because she knew how.",
-    "<b>bold</b> & more",
-    "Question: The pilot said _____ was tired.",
-    "The chef cooked dinner for her family and him.",
-]
+DOCS = [doc for doc in WINDOW_DOCS if not doc.startswith("Answer:")]
 EXPLANATIONS = {
     "L0.1": "Pronouns: she, her and him after a profession.",
     "L1.2": "Feminine pronouns such as she and her.",
